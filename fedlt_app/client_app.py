@@ -1,0 +1,85 @@
+"""fedlt ClientApp: local training of whichever method the run config names."""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedlt_app.config import RunConfig, resolve
+from fedlt_app.data import FederatedData
+from fedlt_app.methods import get_method
+from fedlt_app.models import EncoderClassifier
+from fedlt_app.records import payload_to_record, record_to_payload
+from fedlt_app.strategy import METHOD_KEY
+from fedlt_app.task import client_seed, federated_data, method_model, resolve_device
+from fedlt_app.train import LocalTraining, train_locally
+
+app = ClientApp()
+
+# One model object per worker process, reused by every virtual client it
+# serves: only its weights change between messages.
+_MODELS: dict[tuple, EncoderClassifier] = {}
+
+
+def _partition(context: Context) -> tuple[int, int]:
+    try:
+        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
+    except KeyError as missing:
+        raise ValueError(
+            f"node config: {missing} is missing; start SuperNodes with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from None
+
+
+def _model(cfg: RunConfig, data: FederatedData, device: torch.device) -> EncoderClassifier:
+    key = (cfg.method, cfg.model, cfg.dataset, data.num_classes, str(device))
+    if key not in _MODELS:
+        _MODELS[key] = method_model(cfg, data).to(device)
+    return _MODELS[key]
+
+
+@app.query("partition")
+def report_partition(msg: Message, context: Context) -> Message:
+    """Tell the server which partition this node holds (for seeded cohorts)."""
+    partition_id, num_partitions = _partition(context)
+    record = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
+    return Message(RecordDict({"partition": record}), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg = resolve(context.run_config)
+    partition_id, num_partitions = _partition(context)
+    data = federated_data(cfg, num_partitions)
+    images, labels = data.client_data(partition_id)
+    device = resolve_device(cfg.device)
+    model = _model(cfg, data, device)
+    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+
+    server_round = int(msg.content["config"]["server-round"])
+    seed = client_seed(cfg.seed, server_round, partition_id)
+    torch.manual_seed(seed)  # dropout
+    generator = torch.Generator().manual_seed(seed)  # shuffling, augmentation, balanced draws
+    method = get_method(cfg.method).client(cfg, data.num_classes, record_to_payload(msg.content.get(METHOD_KEY)))
+    setup = LocalTraining(
+        epochs=cfg.local_epochs,
+        batch_size=cfg.batch_size,
+        lr=cfg.local_lr,
+        momentum=cfg.momentum,
+        grad_clip=cfg.grad_clip,
+        prox_mu=cfg.prox_mu,
+        dataset=cfg.dataset,
+    )
+    stats = train_locally(model, images, labels, method, setup, generator)
+
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"num-examples": stats.num_examples, "train-loss": stats.mean_loss}),
+        }
+    )
+    report = method.report()
+    if report:
+        content[METHOD_KEY] = payload_to_record(report)
+    return Message(content=content, reply_to=msg)

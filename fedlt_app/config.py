@@ -1,0 +1,210 @@
+"""The run-config schema: every key's type, default, allowed values and meaning.
+
+One table drives validation, preset merging, the defaults in pyproject.toml
+(a test keeps the two in sync) and the README's key table, so a key can never
+be accepted in one place and unknown in another.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+Check = Callable[[Any], str | None]
+
+
+def one_of(*allowed: str) -> Check:
+    return lambda v: None if v in allowed else f"must be one of {', '.join(allowed)}"
+
+
+def at_least(low: float, strict: bool = False) -> Check:
+    def check(v: Any) -> str | None:
+        ok = v > low if strict else v >= low
+        return None if ok and math.isfinite(v) else f"must be {'>' if strict else '>='} {low}"
+
+    return check
+
+
+def in_range(low: float, high: float) -> Check:
+    return lambda v: None if low <= v < high else f"must be in [{low}, {high})"
+
+
+def class_list(v: str) -> str | None:
+    try:
+        parse_class_list(v)
+    except ValueError:
+        return 'must be comma-separated class indices, e.g. "0,7,8"'
+    return None
+
+
+def parse_class_list(text: str) -> tuple[int, ...]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    values = tuple(int(s) for s in items)
+    if not values or any(v < 0 for v in values):
+        raise ValueError(text)
+    return values
+
+
+@dataclass(frozen=True)
+class Option:
+    key: str
+    kind: type
+    default: Any
+    help: str
+    check: Check | None = None
+
+
+SCHEMA: tuple[Option, ...] = (
+    Option("preset", str, "", "name of a file in conf/ (without .yaml) merged under explicit overrides"),
+    Option("method", str, "redgrape", "client/server method", one_of("fedavg", "redgrape")),
+    Option("dataset", str, "fmnist", "data set", one_of("mnist", "fmnist", "cifar10", "cifar100")),
+    Option("data-dir", str, "", "where data sets live (Fashion-MNIST is also found in /usr/share/datasets)"),
+    Option("imbalance-profile", str, "exp", "long-tail profile of the training set", one_of("exp", "step")),
+    Option("imbalance-ratio", float, 100.0, "largest / smallest class size", at_least(1.0)),
+    Option("minority-classes", str, "0,7,8", "classes cut by the step profile", class_list),
+    Option(
+        "partition",
+        str,
+        "dirichlet",
+        "dirichlet: equal quotas with Dir(alpha*p) label mixes (authors' code); "
+        "dirichlet-per-class: flwr-datasets' per-class split; iid",
+        one_of("dirichlet", "dirichlet-per-class", "iid"),
+    ),
+    Option("dirichlet-alpha", float, 1.0, "Dirichlet concentration (smaller = more non-iid)", at_least(0.0, strict=True)),
+    Option("model", str, "cnn", "network", one_of("cnn", "cnn-mcmahan", "resnet56")),
+    Option("num-server-rounds", int, 15, "federated rounds", at_least(1)),
+    Option("clients-per-round", int, 0, "clients sampled per round (0 = all)", at_least(0)),
+    Option("local-epochs", int, 1, "local epochs per round", at_least(1)),
+    Option("batch-size", int, 64, "local mini-batch size", at_least(1)),
+    Option("local-lr", float, 0.01, "client SGD learning rate", at_least(0.0, strict=True)),
+    Option("momentum", float, 0.9, "client SGD momentum", in_range(0.0, 1.0)),
+    Option("grad-clip", float, 1.0, "global gradient-norm clip per step (0 = off)", at_least(0.0)),
+    Option("prox-mu", float, 0.0, "FedProx proximal coefficient mu", at_least(0.0)),
+    Option("server-lr", float, 1.0, "server learning rate on the averaged update", at_least(0.0, strict=True)),
+    Option("rebalance-lambda", float, 0.1, "RedGrape's lambda: weight of the re-balancing step", at_least(0.0)),
+    Option("balance-threshold", int, 8, "RedGrape's T: real samples per class in the local balanced set", at_least(1)),
+    Option("seed", int, 0, "seed of data, partition, initialisation, sampling and local shuffling"),
+    Option("device", str, "auto", "where clients and server compute", one_of("auto", "cpu", "cuda")),
+    Option("output-dir", str, "outputs", "results go to <output-dir>/<run-name>/ (relative: to the app's directory)"),
+    Option("run-name", str, "", "name of the run's result folder (empty = <method>-<dataset>-<timestamp>)"),
+    Option("wandb-mode", str, "disabled", "Weights & Biases logging", one_of("disabled", "offline", "online")),
+    Option("wandb-project", str, "fedlt", "W&B project"),
+)
+
+OPTIONS: dict[str, Option] = {o.key: o for o in SCHEMA}
+
+
+class ConfigError(ValueError):
+    """A run-config value that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """The validated run configuration, with Python names for the kebab-case keys."""
+
+    preset: str
+    method: str
+    dataset: str
+    data_dir: str
+    imbalance_profile: str
+    imbalance_ratio: float
+    minority_classes: str
+    partition: str
+    dirichlet_alpha: float
+    model: str
+    num_server_rounds: int
+    clients_per_round: int
+    local_epochs: int
+    batch_size: int
+    local_lr: float
+    momentum: float
+    grad_clip: float
+    prox_mu: float
+    server_lr: float
+    rebalance_lambda: float
+    balance_threshold: int
+    seed: int
+    device: str
+    output_dir: str
+    run_name: str
+    wandb_mode: str
+    wandb_project: str
+
+    @property
+    def minority_class_tuple(self) -> tuple[int, ...]:
+        return parse_class_list(self.minority_classes)
+
+    def as_dict(self) -> dict[str, Any]:
+        """Kebab-case keys, as a user writes them."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _coerce(option: Option, value: Any) -> Any:
+    """Cast a TOML/YAML value to the option's type, refusing lossy casts."""
+    kind = option.kind
+    if kind is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    if kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind is int and isinstance(value, float) and value.is_integer():
+        return int(value)
+    if kind is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{option.key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    path = CONF_DIR / f"{name}.yaml"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONF_DIR.glob("*.yaml"))
+        raise ConfigError(f"preset: no preset {name!r} in {CONF_DIR}; known presets: {', '.join(known)}")
+    loaded = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"preset: {path} must hold a mapping of run-config keys")
+    if "preset" in loaded:
+        raise ConfigError(f"preset: {path} must not name another preset")
+    return loaded
+
+
+def defaults() -> dict[str, Any]:
+    return {o.key: o.default for o in SCHEMA}
+
+
+def resolve(run_config: Mapping[str, Any]) -> RunConfig:
+    """Merge defaults < preset < explicit values and validate every key.
+
+    Flower fuses pyproject defaults and ``--run-config`` overrides into one
+    mapping, so a key counts as explicit when its value differs from the
+    schema default; the preset then fills in only the keys left at default.
+    """
+    given = dict(run_config)
+    unknown = sorted(set(given) - set(OPTIONS))
+    if unknown:
+        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}; known keys: {', '.join(OPTIONS)}")
+    explicit = {k: v for k, v in given.items() if v != OPTIONS[k].default}
+    merged = defaults()
+    preset = explicit.get("preset", "")
+    if preset:
+        if not isinstance(preset, str):
+            raise ConfigError(f"preset: expected str, got {preset!r}")
+        preset_values = load_preset(preset)
+        unknown = sorted(set(preset_values) - set(OPTIONS))
+        if unknown:
+            raise ConfigError(f"preset {preset!r}: unknown key(s) {', '.join(unknown)}")
+        merged.update(preset_values)
+    merged.update(explicit)
+    values: dict[str, Any] = {}
+    for option in SCHEMA:
+        value = _coerce(option, merged[option.key])
+        problem = option.check(value) if option.check else None
+        if problem:
+            raise ConfigError(f"{option.key}: {problem} (got {value!r})")
+        values[option.key.replace("-", "_")] = value
+    return RunConfig(**values)

@@ -1,0 +1,113 @@
+"""Build the federation's data once per process and hand each client its share.
+
+In simulation one Ray worker hosts many virtual clients; caching the decoded,
+long-tailed and partitioned data here means each worker pays for it once, and
+because everything is derived from the seed, every process agrees on which
+samples client k holds without any coordination.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .longtail import longtail_counts, longtail_indices
+from .partition import partition_indices
+from .sources import ImageDataset, load_dataset
+
+
+@dataclass(frozen=True, eq=False)
+class FederatedData:
+    """The long-tailed training set split over clients, plus the balanced test set.
+
+    Indices are kept instead of copies so that all clients in a process share
+    one decoded data set. ``eq=False``: equality of numpy arrays is not a bool.
+    """
+
+    dataset: ImageDataset
+    train_indices: np.ndarray  # long-tailed training set, into dataset.train_*
+    class_counts: tuple[int, ...]  # per class, of the long-tailed training set
+    client_indices: tuple[np.ndarray, ...]  # per client, into dataset.train_*
+
+    @property
+    def num_classes(self) -> int:
+        return self.dataset.num_classes
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.client_indices)
+
+    def client_data(self, partition_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(uint8 images, int64 labels) of one client, as fresh tensors it may modify."""
+        if not 0 <= int(partition_id) < self.num_clients:
+            raise ValueError(f"partition-id: {partition_id!r} is out of range; allowed are 0..{self.num_clients - 1}")
+        index = torch.tensor(self.client_indices[int(partition_id)])  # copy: the array is read-only
+        return self.dataset.train_images[index], self.dataset.train_labels[index]
+
+    def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The full balanced test split; shared with every caller, so read-only."""
+        return self.dataset.test_images, self.dataset.test_labels
+
+
+def load_federated_data(
+    dataset: str,
+    data_dir: str | os.PathLike[str] | None,
+    imbalance_profile: str,
+    imbalance_ratio: float,
+    minority_classes: Sequence[int],
+    partition: str,
+    dirichlet_alpha: float,
+    num_clients: int,
+    seed: int,
+) -> FederatedData:
+    """Load, long-tail and partition a data set; cached per process.
+
+    Arguments are normalised before the cache lookup, so e.g. a list of
+    minority classes or IR 100 vs 100.0 still hit the same cache entry.
+    """
+    return _build(
+        str(dataset).strip().lower(),
+        str(data_dir) if data_dir else "",
+        str(imbalance_profile),
+        float(imbalance_ratio),
+        tuple(int(c) for c in minority_classes),
+        str(partition),
+        float(dirichlet_alpha),
+        int(num_clients),
+        int(seed),
+    )
+
+
+@functools.lru_cache(maxsize=4)
+def _build(
+    dataset: str,
+    data_dir: str,
+    imbalance_profile: str,
+    imbalance_ratio: float,
+    minority_classes: tuple[int, ...],
+    partition: str,
+    dirichlet_alpha: float,
+    num_clients: int,
+    seed: int,
+) -> FederatedData:
+    data = load_dataset(dataset, data_dir or None)
+    labels = data.train_labels.numpy()
+    original = np.bincount(labels, minlength=data.num_classes)
+    counts = longtail_counts(original.tolist(), imbalance_profile, imbalance_ratio, minority_classes)
+    train_indices = longtail_indices(labels, counts, np.random.default_rng(seed))
+    parts = partition_indices(labels[train_indices], partition, num_clients, dirichlet_alpha, seed)
+    client_indices = tuple(train_indices[part] for part in parts)
+    # Every caller in the process shares these arrays through the cache.
+    for array in (train_indices, *client_indices):
+        array.setflags(write=False)
+    return FederatedData(
+        dataset=data,
+        train_indices=train_indices,
+        class_counts=tuple(counts),
+        client_indices=client_indices,
+    )

@@ -1,0 +1,93 @@
+"""Batched image transforms, equivalent to the authors' torchvision pipelines.
+
+The data stay uint8 tensors until a batch is drawn; these functions then run
+on the whole batch on its device, instead of per sample in DataLoader workers,
+which is what makes CPU-only simulation of many clients affordable.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_NORMALISATION = {
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
+}
+_GRAYSCALE = ("mnist", "fmnist")
+CROP_PADDING = 4
+CUTOUT_SIZE = 16
+
+
+def _check(images: torch.Tensor, dataset: str) -> None:
+    if dataset not in _NORMALISATION and dataset not in _GRAYSCALE:
+        allowed = ", ".join((*_GRAYSCALE, *_NORMALISATION))
+        raise ValueError(f"dataset: unknown data set {dataset!r}; allowed values are {allowed}")
+    if images.dtype != torch.uint8 or images.dim() != 4:
+        raise ValueError(f"expected a uint8 batch of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
+
+
+def to_float(images_uint8: torch.Tensor, dataset: str) -> torch.Tensor:
+    """ToTensor (+ Normalize for CIFAR): the evaluation-time transform.
+
+    MNIST-type data are only scaled to [0, 1], as in the authors' code; the
+    models were tuned for that input range.
+    """
+    _check(images_uint8, dataset)
+    images = images_uint8.float().div_(255.0)
+    if dataset in _NORMALISATION:
+        mean, std = _NORMALISATION[dataset]
+        shape = (1, len(mean), 1, 1)
+        images.sub_(torch.tensor(mean, device=images.device).view(shape))
+        images.div_(torch.tensor(std, device=images.device).view(shape))
+    return images
+
+
+def _randint(high: int, size: int, generator: torch.Generator | None) -> torch.Tensor:
+    # Drawn on the CPU so that one seeded CPU generator gives the same numbers
+    # whatever device the batch lives on.
+    return torch.randint(0, high, (size,), generator=generator, device="cpu")
+
+
+def augment(images_uint8: torch.Tensor, dataset: str, generator: torch.Generator | None) -> torch.Tensor:
+    """Training-time transform: for CIFAR, crop + flip + normalise + Cutout.
+
+    Matches RandomCrop(32, padding=4) (zero padding, so padded pixels become
+    -mean/std after normalising), RandomHorizontalFlip(0.5), Normalize and
+    Cutout(16) on the normalised tensor. Crop and flip are one gather with
+    per-sample index arithmetic; Cutout is one broadcast mask. MNIST-type
+    data are not augmented (the authors use ToTensor only).
+    """
+    _check(images_uint8, dataset)
+    if dataset in _GRAYSCALE:
+        return to_float(images_uint8, dataset)
+
+    batch, channels, height, width = images_uint8.shape
+    device = images_uint8.device
+    offset_y = _randint(2 * CROP_PADDING + 1, batch, generator)
+    offset_x = _randint(2 * CROP_PADDING + 1, batch, generator)
+    flip = torch.rand(batch, generator=generator, device="cpu") < 0.5
+    centre_y = _randint(height, batch, generator)
+    centre_x = _randint(width, batch, generator)
+    offset_y, offset_x, flip, centre_y, centre_x = (
+        t.to(device) for t in (offset_y, offset_x, flip, centre_y, centre_x)
+    )
+
+    padded = torch.nn.functional.pad(images_uint8, (CROP_PADDING,) * 4)
+    rows_out = torch.arange(height, device=device)
+    cols_out = torch.arange(width, device=device)
+    rows = offset_y[:, None] + rows_out  # (N, H) rows of the padded image
+    # A flipped crop reads its columns right to left.
+    cols = offset_x[:, None] + torch.where(flip[:, None], width - 1 - cols_out, cols_out)
+    cropped = padded[
+        torch.arange(batch, device=device)[:, None, None, None],
+        torch.arange(channels, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ]
+    images = to_float(cropped, dataset)
+
+    half = CUTOUT_SIZE // 2
+    in_rows = (rows_out >= (centre_y - half)[:, None]) & (rows_out < (centre_y + half)[:, None])
+    in_cols = (cols_out >= (centre_x - half)[:, None]) & (cols_out < (centre_x + half)[:, None])
+    hole = in_rows[:, :, None] & in_cols[:, None, :]  # (N, H, W)
+    return images.masked_fill_(hole[:, None], 0.0)

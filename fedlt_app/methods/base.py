@@ -1,0 +1,77 @@
+"""What a method is: a few hooks in the shared local loop and a server part.
+
+Methods never see Flower: they exchange plain ``dict[str, np.ndarray]``
+payloads, which the client and server apps turn into ArrayRecords. Adding a
+method means writing these hooks, never another training loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from fedlt_app.config import RunConfig
+from fedlt_app.models import EncoderClassifier
+
+Payload = dict[str, np.ndarray]
+
+
+class ClientMethod:
+    """Plain instance-balanced cross-entropy training (FedAvg+CE).
+
+    Subclasses change the loss or add work around the optimizer step; the
+    loop that calls these hooks lives in ``fedlt_app.train``.
+    """
+
+    def __init__(self, cfg: RunConfig, num_classes: int, payload: Payload) -> None:
+        self.cfg = cfg
+        self.num_classes = num_classes
+        self.payload = payload
+
+    def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> None:
+        """Run once on the received model before the first local step."""
+
+    def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(model(x), y)
+
+    def before_step(self, model: EncoderClassifier) -> None:
+        """Called after backward, before clipping and the optimizer step."""
+
+    def after_step(self, model: EncoderClassifier) -> None:
+        """Called after the optimizer step."""
+
+    def report(self) -> Payload:
+        """Arrays sent back to the server beside the model."""
+        return {}
+
+
+@dataclass(frozen=True)
+class ClientReport:
+    """One client's reply as a method's server part sees it."""
+
+    partition_id: int
+    num_examples: int
+    payload: Payload
+
+
+class ServerMethod:
+    """Server side of a method that needs nothing beyond weighted averaging."""
+
+    def __init__(self, cfg: RunConfig, model: EncoderClassifier) -> None:
+        self.cfg = cfg
+        self.num_classes = model.num_classes
+
+    def broadcast(self, server_round: int) -> Payload:
+        """Arrays sent to every sampled client with the global model."""
+        return {}
+
+    def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
+        """Take this round's client payloads (only replies that succeeded)."""
+
+
+def extend_nothing(model: EncoderClassifier) -> EncoderClassifier:
+    return model

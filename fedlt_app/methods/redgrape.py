@@ -1,0 +1,211 @@
+"""RedGrape: decentralized decoupled training (Yang et al., TMLR 2024).
+
+Client k trains the encoder P, the classifier W and a supplementary classifier
+Ŵ on the summed logits ``Wᵀh + Ŵᵀh`` (Eq. 7), so Ŵ soaks up the head-class
+bias of instance-balanced training.  W alone additionally takes a re-balancing
+step along a class-balanced gradient (Eqs. 9, 12, 13)::
+
+    g_bal = (Σ_{c ∈ L_bal} ∇_W CE(W; P, T samples of c) + Σ_{c ∉ L_bal} g_pro[c]) / C
+    W ← W − η·λ·g_bal·‖g_local‖/‖g_bal‖      (per tensor, after the local step)
+
+where L_bal are the classes with at least T local samples and g_pro[c] the
+global gradient prototypes.  Each client also reports its own prototypes
+(Eq. 11): the gradient of the class-mean cross-entropy w.r.t. W and its bias,
+on the received model.  The server averages them per class over the clients
+that have the class and keeps last round's value where none does (Eq. 15).
+Inference uses P and W only: Ŵ lives in ``model.supplementary``, which the
+model's ``forward`` never calls.
+
+Where the paper is vague this follows the authors' released code (see
+../shared/PAPER.md): prototypes on the received model in eval mode over every
+local sample, a balanced set drawn once per round, per-tensor norm matching
+before clipping, a plain (momentum-free, unclipped) extra step on W, no
+re-balancing before the first prototypes exist.  Unlike that code, gradients
+are zeroed every step.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.nn import functional as F
+
+from fedlt_app.data import augment
+from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
+from fedlt_app.models import EncoderClassifier
+
+PROTO_KEYS = ("proto-weight", "proto-bias")
+
+
+def add_supplementary_classifier(model: EncoderClassifier) -> EncoderClassifier:
+    """Attach Ŵ, a training-only twin of W."""
+    model.supplementary = nn.Linear(model.feature_dim, model.num_classes)
+    return model
+
+
+def two_head_logits(model: EncoderClassifier, x: Tensor) -> Tensor:
+    h = model.encoder(x)
+    return model.classifier(h) + model.supplementary(h)
+
+
+@torch.no_grad()
+def gradient_prototypes(features: Tensor, labels: Tensor, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-class gradient of the class-mean CE w.r.t. (W, b), analytically.
+
+    For one sample, ∂CE/∂W = (softmax(Wh + b) − e_y) hᵀ and ∂CE/∂b = softmax − e_y;
+    averaging those over a class's samples gives its prototype.
+    Returns (classes present, weight grads (k, C, d), bias grads (k, C)).
+    """
+    residual = torch.softmax(classifier(features), dim=1)
+    residual[torch.arange(len(labels)), labels] -= 1.0
+    classes = torch.unique(labels)
+    weight_grads, bias_grads = [], []
+    for c in classes:
+        members = labels == c
+        weight_grads.append(residual[members].T @ features[members] / members.sum())
+        bias_grads.append(residual[members].mean(dim=0))
+    return classes, torch.stack(weight_grads), torch.stack(bias_grads)
+
+
+def mix_balanced_gradient(
+    local_grad: Tensor | None,
+    num_local_classes: int,
+    missing_prototypes: Tensor | None,
+    num_missing_classes: int,
+    num_classes: int,
+) -> Tensor:
+    """Eq. 12 for one tensor of W.
+
+    ``local_grad`` is the CE gradient on the whole balanced set, i.e. the mean
+    of the per-class gradients over L_bal; ``missing_prototypes`` stacks the
+    global prototypes the client has for the classes outside L_bal. A missing
+    class the server has no prototype for yet counts as their mean (as in the
+    authors' code), so the sum over missing classes is ``count × mean``.
+    """
+    total = torch.zeros(())
+    if local_grad is not None:
+        total = total + num_local_classes * local_grad
+    if missing_prototypes is not None and len(missing_prototypes):
+        total = total + num_missing_classes * missing_prototypes.mean(dim=0)
+    return total / num_classes
+
+
+def norm_matched(direction: Tensor, reference: Tensor) -> Tensor:
+    """Rescale ``direction`` to ``reference``'s norm (zero stays zero)."""
+    norm = direction.norm()
+    if norm == 0:
+        return torch.zeros_like(direction)
+    return direction * (reference.norm() / norm)
+
+
+class RedGrapeClient(ClientMethod):
+    """Client side: two-head local loss, re-balancing step on W, prototypes."""
+
+    def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> None:
+        device = next(model.parameters()).device
+        dataset = self.cfg.dataset
+        self._prototypes = self._local_prototypes(model, images, labels, generator, device)
+        self._rebalance = self.cfg.rebalance_lambda > 0 and "proto-mask" in self.payload
+        if not self._rebalance:
+            return
+        counts = torch.bincount(labels, minlength=self.num_classes)
+        threshold = self.cfg.balance_threshold
+        sufficient = (counts >= threshold).nonzero().flatten().tolist()
+        picks = [
+            (labels == c).nonzero().flatten()[torch.randperm(int(counts[c]), generator=generator)[:threshold]]
+            for c in sufficient
+        ]
+        self._num_local = len(sufficient)
+        if picks:
+            chosen = torch.cat(picks)
+            self._balanced_x = augment(images[chosen].to(device), dataset, generator)
+            self._balanced_y = labels[chosen].to(device)
+        missing = torch.ones(self.num_classes, dtype=torch.bool)
+        missing[sufficient] = False
+        self._num_missing = int(missing.sum())
+        known = missing & torch.from_numpy(self.payload["proto-mask"]).bool()
+        self._missing_prototypes = [
+            torch.from_numpy(self.payload[key])[known].to(device) if known.any() else None for key in PROTO_KEYS
+        ]
+
+    def _local_prototypes(
+        self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator, device: torch.device
+    ) -> Payload:
+        """Eq. 11 on the received model, over every local sample, W-only logits."""
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            features = torch.cat(
+                [
+                    model.encoder(augment(images[i : i + 512].to(device), self.cfg.dataset, generator))
+                    for i in range(0, len(images), 512)
+                ]
+            )
+        model.train(was_training)
+        classes, weight_grads, bias_grads = gradient_prototypes(features, labels.to(device), model.classifier)
+        return {
+            "proto-classes": classes.cpu().numpy().astype(np.int64),
+            "proto-weight": weight_grads.cpu().numpy(),
+            "proto-bias": bias_grads.cpu().numpy(),
+        }
+
+    def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor:
+        return F.cross_entropy(two_head_logits(model, x), y)
+
+    def before_step(self, model: EncoderClassifier) -> None:
+        if not self._rebalance:
+            return
+        head = model.classifier
+        local_grads: list[Tensor | None] = [None, None]
+        if self._num_local:
+            with torch.no_grad():
+                features = model.encoder(self._balanced_x)
+            balanced_loss = F.cross_entropy(head(features), self._balanced_y)
+            local_grads = list(torch.autograd.grad(balanced_loss, [head.weight, head.bias]))
+        self._step = []
+        for param, local, missing in zip((head.weight, head.bias), local_grads, self._missing_prototypes, strict=True):
+            g_bal = mix_balanced_gradient(local, self._num_local, missing, self._num_missing, self.num_classes)
+            self._step.append(norm_matched(g_bal.to(param.grad.dtype), param.grad))
+
+    @torch.no_grad()
+    def after_step(self, model: EncoderClassifier) -> None:
+        if not self._rebalance:
+            return
+        scale = self.cfg.local_lr * self.cfg.rebalance_lambda
+        for param, step in zip((model.classifier.weight, model.classifier.bias), self._step, strict=True):
+            param.sub_(scale * step)
+
+    def report(self) -> Payload:
+        return self._prototypes
+
+
+class RedGrapeServer(ServerMethod):
+    """Server side: the persistent per-class store of global gradient prototypes."""
+
+    def __init__(self, cfg, model: EncoderClassifier) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(cfg, model)
+        shape = tuple(model.classifier.weight.shape)
+        self.weight = np.zeros((self.num_classes, *shape), dtype=np.float32)
+        self.bias = np.zeros((self.num_classes, shape[0]), dtype=np.float32)
+        self.known = np.zeros(self.num_classes, dtype=bool)
+
+    def broadcast(self, server_round: int) -> Payload:
+        if not self.known.any():
+            return {}
+        return {"proto-weight": self.weight, "proto-bias": self.bias, "proto-mask": self.known}
+
+    def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
+        """Eq. 15: unweighted mean over the clients that hold the class."""
+        weight_sum = np.zeros_like(self.weight, dtype=np.float64)
+        bias_sum = np.zeros_like(self.bias, dtype=np.float64)
+        holders = np.zeros(self.num_classes, dtype=np.int64)
+        for report in reports:
+            classes = report.payload["proto-classes"]
+            weight_sum[classes] += report.payload["proto-weight"]
+            bias_sum[classes] += report.payload["proto-bias"]
+            holders[classes] += 1
+        fresh = holders > 0
+        self.weight[fresh] = weight_sum[fresh] / holders[fresh, None, None]
+        self.bias[fresh] = bias_sum[fresh] / holders[fresh, None]
+        self.known |= fresh

@@ -1,0 +1,137 @@
+"""fedlt ServerApp: discover clients, run the strategy, evaluate, record."""
+
+from __future__ import annotations
+
+import time
+from logging import INFO
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import FedAvgM
+
+from fedlt_app.config import ConfigError, resolve
+from fedlt_app.data import tail_classes
+from fedlt_app.methods import get_method
+from fedlt_app.metrics import evaluate
+from fedlt_app.results import RunRecorder, run_directory
+from fedlt_app.strategy import FedLTStrategy
+from fedlt_app.task import federated_data, initial_model, resolve_device
+
+app = ServerApp()
+
+DISCOVERY_TIMEOUT = 300.0
+
+
+def discover_clients(grid: Grid, timeout: float = DISCOVERY_TIMEOUT) -> dict[int, int]:
+    """Map partition id -> node id for every client of the federation.
+
+    Node ids are random per run, so seeded cohorts are drawn over partition
+    ids instead. Waits until as many nodes as ``num-partitions`` have joined.
+    """
+    node_of_partition: dict[int, int] = {}
+    expected: int | None = None
+    queried: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while expected is None or len(node_of_partition) < expected:
+        new_nodes = [n for n in grid.get_node_ids() if n not in queried]
+        if new_nodes:
+            messages = [
+                Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.partition")
+                for node in new_nodes
+            ]
+            for reply in grid.send_and_receive(messages, timeout=timeout):
+                if reply.has_error():
+                    raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: "
+                                       f"{reply.error.reason}")
+                record = reply.content["partition"]
+                partition_id, total = int(record["partition-id"]), int(record["num-partitions"])
+                if partition_id in node_of_partition:
+                    raise ValueError(f"partition-id {partition_id} is held by two nodes; give each node its own")
+                node_of_partition[partition_id] = reply.metadata.src_node_id
+                expected = total if expected is None else expected
+                if total != expected:
+                    raise ValueError(f"num-partitions disagrees between nodes ({total} vs {expected})")
+            queried.update(new_nodes)
+        elif time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(node_of_partition)} of {expected or '?'} clients joined in {timeout:.0f} s")
+        else:
+            time.sleep(0.5)
+    return node_of_partition
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = resolve(context.run_config)
+    device = resolve_device(cfg.device)
+    method = get_method(cfg.method)
+    node_of_partition = discover_clients(grid)
+    num_clients = len(node_of_partition)
+    if cfg.clients_per_round > num_clients:
+        raise ConfigError(f"clients-per-round: {cfg.clients_per_round} is more than the {num_clients} clients")
+    data = federated_data(cfg, num_clients)
+    model = initial_model(cfg, data).to(device)
+    tail = tail_classes(data.class_counts)
+    test_images, test_labels = data.test_data()
+
+    strategy = FedLTStrategy(
+        inner=FedAvgM(
+            fraction_train=1.0,
+            fraction_evaluate=0.0,
+            min_train_nodes=1,
+            min_available_nodes=1,
+            server_learning_rate=cfg.server_lr,
+            server_momentum=0.0,
+        ),
+        server_method=method.server(cfg, model),
+        node_of_partition=node_of_partition,
+        clients_per_round=cfg.clients_per_round,
+        seed=cfg.seed,
+    )
+    info = {
+        "num_clients": num_clients,
+        "class_counts": list(data.class_counts),
+        "client_sizes": [len(idx) for idx in data.client_indices],
+        "tail_classes": tail,
+        "flower_run_id": context.run_id,
+    }
+    run_dir = run_directory(cfg, context.run_id)
+    log(INFO, "[fedlt] results -> %s", run_dir)
+
+    with RunRecorder(cfg, run_dir, info) as recorder:
+
+        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+            model.load_state_dict(arrays.to_torch_state_dict())
+            result = evaluate(model, test_images, test_labels, cfg.dataset, tail)
+            metrics = MetricRecord({"accuracy": result.accuracy, "tail-accuracy": result.tail_accuracy,
+                                    "loss": result.loss})
+            current = strategy.current
+            if server_round == 0 or current is None:
+                return metrics
+            record = {
+                "round": server_round,
+                **result.as_dict(),
+                "train_loss": current.train_loss,
+                "round_seconds": time.perf_counter() - current.started,
+                "bytes_up": current.bytes_up,
+                "bytes_down": current.bytes_down,
+                "parameters_up": current.parameters_up,
+                "parameters_down": current.parameters_down,
+                "clients": current.cohort,
+                "failed_clients": current.failed,
+            }
+            recorder.log_round(record)
+            log(INFO, "[fedlt] round %d/%d  accuracy %.4f  tail %.4f  loss %.4f  (%.1f s)", server_round,
+                cfg.num_server_rounds, result.accuracy, result.tail_accuracy, result.loss, record["round_seconds"])
+            return metrics
+
+        strategy.start(
+            grid=grid,
+            initial_arrays=ArrayRecord(model.state_dict()),
+            num_rounds=cfg.num_server_rounds,
+            train_config=ConfigRecord(),
+            evaluate_fn=evaluate_global,
+        )
+    summary = recorder.summary
+    log(INFO, "[fedlt] done: final accuracy %.4f, last-10 %.4f, tail last-10 %.4f -> %s",
+        summary["final_accuracy"], summary["last10_accuracy"], summary["last10_tail_accuracy"], run_dir)

@@ -1,0 +1,153 @@
+"""FedLTStrategy: seeded cohorts and method payloads around a Flower strategy.
+
+The model update itself is Flower's: the wrapped strategy (``FedAvgM`` with
+zero momentum gives Eq. 14, ``θ ← θ + η_s·Σ_k (n_k/n)(θ_k − θ)``) averages the
+single "arrays" record of each reply.  This wrapper adds what Flower's
+strategies cannot carry:
+
+* cohorts drawn by *partition id* from ``(seed, round)``, so the same seed
+  gives the same clients every run (Flower samples random node ids);
+* the method's server part: its broadcast (e.g. RedGrape's prototype store)
+  goes out as an extra "method" record, and the clients' "method" records are
+  popped before the wrapped strategy sees a reply (it accepts exactly one
+  ArrayRecord per reply);
+* per-round bookkeeping (cohort, failures, bytes and parameters each way,
+  timing) for the results writer.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg, Strategy
+
+from fedlt_app.methods import ClientReport, ServerMethod
+from fedlt_app.records import content_nbytes, content_parameters, payload_to_record, record_to_payload
+
+METHOD_KEY = "method"
+
+
+def sample_cohort(num_clients: int, clients_per_round: int, seed: int, server_round: int) -> list[int]:
+    """Partition ids of one round's cohort, a pure function of (seed, round)."""
+    if clients_per_round <= 0 or clients_per_round >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(int(p) for p in rng.choice(num_clients, size=clients_per_round, replace=False))
+
+
+class _CohortGrid:
+    """A view of the grid whose only nodes are this round's cohort.
+
+    Lets the wrapped Flower strategy run its own ``configure_train`` (and keep
+    its own state, e.g. FedAvgM's current arrays) on the cohort we chose.
+    """
+
+    def __init__(self, grid: Grid, node_ids: list[int]) -> None:
+        self._grid = grid
+        self._node_ids = node_ids
+
+    def get_node_ids(self) -> list[int]:
+        return list(self._node_ids)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self._grid, name)
+
+
+@dataclass
+class RoundLog:
+    """What happened in one round, for metrics.jsonl."""
+
+    server_round: int
+    cohort: list[int]
+    started: float = field(default_factory=time.perf_counter)
+    bytes_down: int = 0
+    bytes_up: int = 0
+    parameters_down: int = 0
+    parameters_up: int = 0
+    failed: list[int] = field(default_factory=list)
+    train_loss: float | None = None
+
+
+class FedLTStrategy(Strategy):
+    """Wraps a Flower strategy (FedAvg family) with fedlt's per-round extras."""
+
+    def __init__(
+        self,
+        inner: FedAvg,
+        server_method: ServerMethod,
+        node_of_partition: dict[int, int],
+        clients_per_round: int,
+        seed: int,
+    ) -> None:
+        self.inner = inner
+        self.server_method = server_method
+        self.node_of_partition = dict(node_of_partition)
+        self.partition_of_node = {node: part for part, node in node_of_partition.items()}
+        self.clients_per_round = clients_per_round
+        self.seed = seed
+        self.current: RoundLog | None = None
+
+    def summary(self) -> None:
+        log(INFO, "\t├──> fedlt: method %s, %d clients, %s per round, seed %d",
+            type(self.server_method).__name__, len(self.node_of_partition),
+            self.clients_per_round or "all", self.seed)
+        self.inner.summary()
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        cohort = sample_cohort(len(self.node_of_partition), self.clients_per_round, self.seed, server_round)
+        self.current = RoundLog(server_round, cohort)
+        view = _CohortGrid(grid, [self.node_of_partition[p] for p in cohort])
+        messages = list(self.inner.configure_train(server_round, arrays, config, view))  # type: ignore[arg-type]
+        payload = self.server_method.broadcast(server_round)
+        for message in messages:
+            if payload:
+                message.content[METHOD_KEY] = payload_to_record(payload)
+            self.current.bytes_down += content_nbytes(message.content)
+            self.current.parameters_down += content_parameters(message.content)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        current = self.current or RoundLog(server_round, [])
+        succeeded: list[Message] = []
+        reports: list[ClientReport] = []
+        for reply in replies:
+            partition_id = self.partition_of_node.get(reply.metadata.src_node_id, -1)
+            if reply.has_error():
+                current.failed.append(partition_id)
+                log(WARNING, "Client with partition-id %d failed in round %d: %s",
+                    partition_id, server_round, reply.error.reason)
+                continue
+            current.bytes_up += content_nbytes(reply.content)
+            current.parameters_up += content_parameters(reply.content)
+            extra = reply.content.pop(METHOD_KEY) if METHOD_KEY in reply.content else None
+            num_examples = int(reply.content["metrics"]["num-examples"])
+            reports.append(ClientReport(partition_id, num_examples, record_to_payload(extra)))
+            succeeded.append(reply)
+        if replies and not succeeded:
+            raise RuntimeError(f"round {server_round}: every sampled client failed (partition ids {current.failed})")
+        self.server_method.absorb(server_round, reports)
+        arrays, metrics = self.inner.aggregate_train(server_round, succeeded)
+        if metrics is not None and "train-loss" in metrics:
+            current.train_loss = float(metrics["train-loss"])  # type: ignore[arg-type]
+        return arrays, metrics
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        """No federated evaluation: the server tests on the balanced test set."""
+        return []
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None

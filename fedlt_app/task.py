@@ -1,0 +1,52 @@
+"""What the client and the server build the same way: data, model, device, seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from fedlt_app.config import RunConfig
+from fedlt_app.data import FederatedData, load_federated_data
+from fedlt_app.methods import get_method
+from fedlt_app.models import EncoderClassifier, build_model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device: 'cuda' was asked for but no CUDA device is visible (use device='auto' or 'cpu')")
+    return torch.device(name)
+
+
+def federated_data(cfg: RunConfig, num_clients: int) -> FederatedData:
+    """The run's long-tailed, partitioned data (decoded once per process)."""
+    return load_federated_data(
+        dataset=cfg.dataset,
+        data_dir=cfg.data_dir or None,
+        imbalance_profile=cfg.imbalance_profile,
+        imbalance_ratio=cfg.imbalance_ratio,
+        minority_classes=cfg.minority_class_tuple,
+        partition=cfg.partition,
+        dirichlet_alpha=cfg.dirichlet_alpha,
+        num_clients=num_clients,
+        seed=cfg.seed,
+    )
+
+
+def method_model(cfg: RunConfig, data: FederatedData) -> EncoderClassifier:
+    """The network the method trains (RedGrape's carries Ŵ as well)."""
+    _, channels, height, _ = data.dataset.train_images.shape
+    model = build_model(cfg.model, data.num_classes, channels, height)
+    return get_method(cfg.method).extend_model(model)
+
+
+def initial_model(cfg: RunConfig, data: FederatedData) -> EncoderClassifier:
+    """The global model of round 0, a pure function of the seed."""
+    torch.manual_seed(cfg.seed)
+    return method_model(cfg, data)
+
+
+def client_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """Independent, reproducible stream per (run seed, round, client)."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])

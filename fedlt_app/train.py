@@ -1,0 +1,82 @@
+"""The one local-training loop every method shares.
+
+Readable top to bottom: fresh SGD(M) each round, zero -> loss -> backward ->
+method hook -> clip -> step -> method hook.  Methods change the loss or add
+work around the step through ``ClientMethod`` hooks; nothing here knows which
+method is running.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from fedlt_app.data import augment
+from fedlt_app.methods import ClientMethod
+from fedlt_app.models import EncoderClassifier
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    epochs: int
+    batch_size: int
+    lr: float
+    momentum: float
+    grad_clip: float
+    prox_mu: float
+    dataset: str
+
+
+@dataclass(frozen=True)
+class TrainStats:
+    num_examples: int
+    steps: int
+    mean_loss: float
+
+
+def proximal_term(model: EncoderClassifier, anchor: list[Tensor]) -> Tensor:
+    """FedProx's ½‖θ − θ_global‖², summed over every trainable tensor."""
+    return 0.5 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+
+
+def train_locally(
+    model: EncoderClassifier,
+    images: Tensor,
+    labels: Tensor,
+    method: ClientMethod,
+    setup: LocalTraining,
+    generator: torch.Generator,
+) -> TrainStats:
+    """Train ``model`` in place on one client's data; returns loss statistics.
+
+    ``images`` are the client's uint8 images (augmented per batch, on the
+    model's device); ``generator`` drives shuffling and augmentation so a
+    (seed, round, client) triple always replays the same steps.
+    """
+    device = next(model.parameters()).device
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=setup.lr, momentum=setup.momentum)
+    anchor = [p.detach().clone() for p in params] if setup.prox_mu > 0 else []
+    method.begin(model, images, labels, generator)
+    model.train()
+    total_loss, steps = 0.0, 0
+    for _ in range(setup.epochs):
+        order = torch.randperm(len(labels), generator=generator)
+        for batch in order.split(setup.batch_size):
+            x = augment(images[batch].to(device, non_blocking=True), setup.dataset, generator)
+            y = labels[batch].to(device, non_blocking=True)
+            optimizer.zero_grad(set_to_none=True)
+            loss = method.loss(model, x, y)
+            if anchor:
+                loss = loss + setup.prox_mu * proximal_term(model, anchor)
+            loss.backward()
+            method.before_step(model)
+            if setup.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)
+            optimizer.step()
+            method.after_step(model)
+            total_loss += float(loss.detach())
+            steps += 1
+    return TrainStats(num_examples=len(labels), steps=steps, mean_loss=total_loss / max(steps, 1))
