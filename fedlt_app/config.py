@@ -66,6 +66,8 @@ SCHEMA: tuple[Option, ...] = (
     Option("method", str, "redgrape", "client/server method", one_of("fedavg", "redgrape")),
     Option("dataset", str, "fmnist", "data set", one_of("mnist", "fmnist", "cifar10", "cifar100")),
     Option("data-dir", str, "", "where data sets live (Fashion-MNIST is also found in /usr/share/datasets)"),
+    Option("samples-per-class", int, 0, "quick subset: at most this many train and test samples per class (0 = all)",
+           at_least(0)),
     Option("imbalance-profile", str, "exp", "long-tail profile of the training set", one_of("exp", "step")),
     Option("imbalance-ratio", float, 100.0, "largest / smallest class size", at_least(1.0)),
     Option("minority-classes", str, "0,7,8", "classes cut by the step profile", class_list),
@@ -113,6 +115,7 @@ class RunConfig:
     method: str
     dataset: str
     data_dir: str
+    samples_per_class: int
     imbalance_profile: str
     imbalance_ratio: float
     minority_classes: str

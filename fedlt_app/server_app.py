@@ -119,6 +119,7 @@ def main(grid: Grid, context: Context) -> None:
                 "parameters_down": current.parameters_down,
                 "clients": current.cohort,
                 "failed_clients": current.failed,
+                **strategy.server_method.round_metrics(),
             }
             recorder.log_round(record)
             log(INFO, "[fedlt] round %d/%d  accuracy %.4f  tail %.4f  loss %.4f  (%.1f s)", server_round,

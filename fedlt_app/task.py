@@ -31,6 +31,7 @@ def federated_data(cfg: RunConfig, num_clients: int) -> FederatedData:
         dirichlet_alpha=cfg.dirichlet_alpha,
         num_clients=num_clients,
         seed=cfg.seed,
+        samples_per_class=cfg.samples_per_class,
     )
 
 

@@ -33,6 +33,7 @@ class FederatedData:
     train_indices: np.ndarray  # long-tailed training set, into dataset.train_*
     class_counts: tuple[int, ...]  # per class, of the long-tailed training set
     client_indices: tuple[np.ndarray, ...]  # per client, into dataset.train_*
+    test_indices: np.ndarray | None = None  # a balanced test subset, or None for the full split
 
     @property
     def num_classes(self) -> int:
@@ -50,8 +51,17 @@ class FederatedData:
         return self.dataset.train_images[index], self.dataset.train_labels[index]
 
     def test_data(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The full balanced test split; shared with every caller, so read-only."""
-        return self.dataset.test_images, self.dataset.test_labels
+        """The balanced test split (shared with every caller when full, so read-only)."""
+        if self.test_indices is None:
+            return self.dataset.test_images, self.dataset.test_labels
+        index = torch.from_numpy(self.test_indices.copy())
+        return self.dataset.test_images[index], self.dataset.test_labels[index]
+
+
+def first_per_class(labels: np.ndarray, limit: int) -> np.ndarray:
+    """Sorted indices of the first ``limit`` samples of every class."""
+    keep = [np.flatnonzero(labels == c)[:limit] for c in np.unique(labels)]
+    return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
 def load_federated_data(
@@ -64,9 +74,12 @@ def load_federated_data(
     dirichlet_alpha: float,
     num_clients: int,
     seed: int,
+    samples_per_class: int = 0,
 ) -> FederatedData:
     """Load, long-tail and partition a data set; cached per process.
 
+    ``samples_per_class`` > 0 first keeps only that many training and test
+    samples of each class (a quick subset whose test set stays balanced).
     Arguments are normalised before the cache lookup, so e.g. a list of
     minority classes or IR 100 vs 100.0 still hit the same cache entry.
     """
@@ -80,6 +93,7 @@ def load_federated_data(
         float(dirichlet_alpha),
         int(num_clients),
         int(seed),
+        int(samples_per_class),
     )
 
 
@@ -94,12 +108,17 @@ def _build(
     dirichlet_alpha: float,
     num_clients: int,
     seed: int,
+    samples_per_class: int,
 ) -> FederatedData:
     data = load_dataset(dataset, data_dir or None)
     labels = data.train_labels.numpy()
-    original = np.bincount(labels, minlength=data.num_classes)
+    pool = np.arange(len(labels)) if samples_per_class <= 0 else first_per_class(labels, samples_per_class)
+    original = np.bincount(labels[pool], minlength=data.num_classes)
     counts = longtail_counts(original.tolist(), imbalance_profile, imbalance_ratio, minority_classes)
-    train_indices = longtail_indices(labels, counts, np.random.default_rng(seed))
+    train_indices = pool[longtail_indices(labels[pool], counts, np.random.default_rng(seed))]
+    test_indices = None
+    if samples_per_class > 0:
+        test_indices = first_per_class(data.test_labels.numpy(), samples_per_class)
     parts = partition_indices(labels[train_indices], partition, num_clients, dirichlet_alpha, seed)
     client_indices = tuple(train_indices[part] for part in parts)
     # Every caller in the process shares these arrays through the cache.
@@ -110,4 +129,5 @@ def _build(
         train_indices=train_indices,
         class_counts=tuple(counts),
         client_indices=client_indices,
+        test_indices=test_indices,
     )

@@ -72,6 +72,10 @@ class ServerMethod:
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
         """Take this round's client payloads (only replies that succeeded)."""
 
+    def round_metrics(self) -> dict[str, float | int]:
+        """Method state worth a column in metrics.jsonl."""
+        return {}
+
 
 def extend_nothing(model: EncoderClassifier) -> EncoderClassifier:
     return model

@@ -209,3 +209,6 @@ class RedGrapeServer(ServerMethod):
         self.weight[fresh] = weight_sum[fresh] / holders[fresh, None, None]
         self.bias[fresh] = bias_sum[fresh] / holders[fresh, None]
         self.known |= fresh
+
+    def round_metrics(self) -> dict[str, float | int]:
+        return {"classes_with_prototype": int(self.known.sum())}

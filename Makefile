@@ -1,0 +1,13 @@
+# The two commands of the README. Each installs what it needs first.
+.PHONY: setup run test
+RUN_CONFIG ?=
+NUM_CLIENTS ?= 10
+
+setup:
+	@bash scripts/setup.sh
+
+run: setup
+	.venv/bin/fedlt-run --num-clients $(NUM_CLIENTS) --run-config "$(RUN_CONFIG)"
+
+test: setup
+	.venv/bin/python -m pytest -q

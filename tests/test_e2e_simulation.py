@@ -1,0 +1,77 @@
+"""End to end through Flower's real simulation engine (SuperLink + Ray), small."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlt_app import launch
+from wandb_reader import logged_history
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUNDS = 3
+
+pytestmark = pytest.mark.e2e
+
+
+def run_app(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int = 3) -> int:
+    monkeypatch.setenv("FLWR_HOME", str(tmp / "flwr-home"))
+    return launch.run(ROOT, run_config, num_clients=num_clients, cpus=1, gpus=0.0, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def redgrape_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("e2e")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        code = run_app(
+            tmp,
+            monkeypatch,
+            f"method='redgrape' num-server-rounds={ROUNDS} samples-per-class=150 imbalance-ratio=10.0 "
+            f"local-epochs=2 local-lr=0.05 output-dir='{tmp / 'out'}' run-name='e2e' wandb-mode='offline'",
+        )
+    assert code == 0
+    return tmp / "out" / "e2e"
+
+
+def test_metrics_written_every_round(redgrape_run: Path) -> None:
+    rows = [json.loads(line) for line in (redgrape_run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
+    for row in rows:
+        assert {"accuracy", "tail_accuracy", "per_class_accuracy", "loss", "round_seconds", "bytes_up",
+                "bytes_down"} <= row.keys()
+        assert len(row["per_class_accuracy"]) == 10
+        assert row["clients"] == [0, 1, 2] and row["failed_clients"] == []
+        assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+    # every class has a global prototype once round 1 is aggregated
+    assert all(r["classes_with_prototype"] == 10 for r in rows)
+    # prototypes travel down from round 2 on: more than the model alone
+    assert rows[1]["parameters_down"] > rows[0]["parameters_down"]
+    assert rows[-1]["accuracy"] > 0.2  # chance is 0.1
+
+
+def test_summary_holds_config_and_last10(redgrape_run: Path) -> None:
+    summary = json.loads((redgrape_run / "summary.json").read_text())
+    rows = [json.loads(line) for line in (redgrape_run / "metrics.jsonl").read_text().splitlines()]
+    assert summary["status"] == "completed"
+    assert summary["config"]["run_config"]["method"] == "redgrape"
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+    assert summary["last10_accuracy"] == pytest.approx(sum(r["accuracy"] for r in rows) / len(rows))
+    assert summary["last10_tail_accuracy"] == pytest.approx(sum(r["tail_accuracy"] for r in rows) / len(rows))
+
+
+def test_offline_wandb_history_holds_per_round_accuracy(redgrape_run: Path) -> None:
+    run_files = list((redgrape_run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1
+    history = logged_history(run_files[0])
+    rows = [json.loads(line) for line in (redgrape_run / "metrics.jsonl").read_text().splitlines()]
+    assert [h["_step"] for h in history] == [r["round"] for r in rows]
+    assert [h["accuracy"] for h in history] == pytest.approx([r["accuracy"] for r in rows])
+
+
+def test_failed_run_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """flwr run exits 0 on a failed run; the launcher must not."""
+    code = run_app(tmp_path, monkeypatch, f"dirichlet-alpha=-1.0 output-dir='{tmp_path / 'out'}'", num_clients=2)
+    assert code == 1
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,207 @@
+"""Models: the architectures behind the paper's tables, and Table 5's communication.
+
+Expected parameter counts come from the paper's notes (../shared/PAPER.md,
+"What the authors' released code does") and, for the communication table, from
+the paper's Table 5; they are not read off this code.
+"""
+
+from __future__ import annotations
+
+from unittest.mock import Mock
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.serverapp.strategy import FedAvgM
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlt_app.config import resolve
+from fedlt_app.methods import ClientReport, get_method
+from fedlt_app.methods.redgrape import two_head_logits
+from fedlt_app.models import MODELS, build_model, count_parameters
+from fedlt_app.records import content_parameters, payload_to_record
+from fedlt_app.strategy import METHOD_KEY, FedLTStrategy
+
+
+def _linear(d: int, c: int) -> int:
+    return d * c + c
+
+
+# ---------------------------------------------------------------- architectures
+
+
+@pytest.mark.parametrize(
+    ("name", "classes", "channels", "size", "total", "encoder", "dim"),
+    [
+        ("cnn", 10, 1, 28, 1_199_882, 1_199_882 - _linear(128, 10), 128),
+        ("cnn-mcmahan", 10, 1, 28, 1_663_370, 1_663_370 - _linear(512, 10), 512),
+        ("resnet56", 10, 3, 32, 591_322, 588_752, 256),
+        ("resnet56", 100, 3, 32, 614_452, 588_752, 256),
+    ],
+)
+def test_parameter_counts_match_the_paper(name, classes, channels, size, total, encoder, dim) -> None:
+    model = build_model(name, classes, channels, size)
+    assert count_parameters(model) == total
+    assert count_parameters(model.encoder) == encoder
+    assert count_parameters(model.classifier) == _linear(dim, classes)
+    assert model.feature_dim == dim
+    assert model.num_classes == classes
+    assert tuple(model.classifier.weight.shape) == (classes, dim)
+
+
+def test_count_parameters_skips_frozen_parameters() -> None:
+    model = build_model("cnn", 10, 1, 28)
+    model.classifier.weight.requires_grad_(False)
+    assert count_parameters(model) == 1_199_882 - 128 * 10
+
+
+@pytest.mark.parametrize(
+    ("name", "classes", "channels", "size"),
+    [("cnn", 10, 1, 28), ("cnn-mcmahan", 10, 1, 28), ("resnet56", 10, 3, 32), ("resnet56", 100, 3, 32)],
+)
+def test_forward_shapes_and_encoder_classifier_split(name, classes, channels, size) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, classes, channels, size).eval()
+    x = torch.randn(3, channels, size, size)
+    with torch.no_grad():
+        features = model.encoder(x)
+        logits = model(x)
+        composed = model.classifier(features)
+    assert features.shape == (3, model.feature_dim)
+    assert logits.shape == (3, classes)
+    assert torch.allclose(logits, composed, atol=1e-6)
+
+
+def test_models_list_is_the_buildable_set() -> None:
+    assert set(MODELS) == {"cnn", "cnn-mcmahan", "resnet56"}
+
+
+def test_unknown_model_raises_value_error_naming_the_key() -> None:
+    with pytest.raises(ValueError, match="model"):
+        build_model("vgg16", 10, 3, 32)
+
+
+# ---------------------------------------------------------------- RedGrape's Ŵ
+
+
+def test_redgrape_model_has_a_supplementary_head_that_inference_ignores() -> None:
+    torch.manual_seed(0)
+    model = get_method("redgrape").extend_model(build_model("cnn", 10, 1, 28)).eval()
+    assert isinstance(model.supplementary, torch.nn.Linear)
+    assert tuple(model.supplementary.weight.shape) == (10, 128)
+    assert tuple(model.supplementary.bias.shape) == (10,)
+    assert count_parameters(model) == 1_199_882 + _linear(128, 10)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        before = model(x).clone()
+        model.supplementary.weight.normal_(0.0, 10.0)
+        model.supplementary.bias.fill_(5.0)
+        after = model(x)
+        # ... while Ŵ does matter to the training logits, so the change above was real.
+        assert not torch.allclose(two_head_logits(model, x), after)
+    assert torch.equal(before, after)
+
+
+def test_fedavg_model_is_not_extended() -> None:
+    model = get_method("fedavg").extend_model(build_model("cnn", 10, 1, 28))
+    assert not hasattr(model, "supplementary")
+    assert count_parameters(model) == 1_199_882
+
+
+# ---------------------------------------------------------------- Table 5
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instruction Messages read the run's identity; give them one."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+SETTINGS = {
+    "mnist": ("mnist", "cnn", 10, 1, 28),
+    "cifar10": ("cifar10", "resnet56", 10, 3, 32),
+    "cifar100": ("cifar100", "resnet56", 100, 3, 32),
+}
+
+
+def _client_report(method_name: str, cfg, model, num_classes: int, channels: int, size: int) -> dict:
+    """The client's method report on a local set holding every class (one sample each)."""
+    client = get_method(method_name).client(cfg, num_classes, {})
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (num_classes, channels, size, size), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(num_classes)
+    client.begin(model, images, labels, generator)
+    return client.report()
+
+
+@pytest.mark.parametrize(
+    ("setting", "method_name", "expected_millions"),
+    [
+        ("mnist", "fedavg", 2.400),
+        ("mnist", "redgrape", 2.428),
+        ("cifar10", "fedavg", 1.183),
+        ("cifar10", "redgrape", 1.239),
+        ("cifar100", "fedavg", 1.229),
+        ("cifar100", "redgrape", 6.420),
+    ],
+)
+def test_table5_parameters_per_client_per_round(task_identity, setting, method_name, expected_millions) -> None:
+    dataset, model_name, classes, channels, size = SETTINGS[setting]
+    cfg = resolve({"method": method_name, "dataset": dataset, "model": model_name})
+    method = get_method(method_name)
+    torch.manual_seed(0)
+    model = method.extend_model(build_model(model_name, classes, channels, size))
+    server = method.server(cfg, model)
+
+    # Up: what client_app.train returns (arrays + metrics + the method's report).
+    report = _client_report(method_name, cfg, model, classes, channels, size)
+    up = RecordDict(
+        {
+            "arrays": ArrayRecord(model.state_dict()),
+            "metrics": MetricRecord({"num-examples": classes, "train-loss": 1.0}),
+        }
+    )
+    if report:
+        assert sorted(report["proto-classes"].tolist()) == list(range(classes))
+        up[METHOD_KEY] = payload_to_record(report)
+    assert (METHOD_KEY in up) == (method_name == "redgrape")
+
+    # Down: once the server has a prototype for every class, what configure_train sends.
+    server.absorb(1, [ClientReport(0, classes, report)])
+    strategy = FedLTStrategy(
+        inner=FedAvgM(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
+        server_method=server,
+        node_of_partition={0: 101},
+        clients_per_round=0,
+        seed=0,
+    )
+    grid = Mock()
+    grid.get_node_ids.return_value = [101]
+    (down,) = strategy.configure_train(2, ArrayRecord(model.state_dict()), ConfigRecord(), grid)
+    assert (METHOD_KEY in down.content) == (method_name == "redgrape")
+    assert strategy.current.parameters_down == content_parameters(down.content)
+
+    total = strategy.current.parameters_down + content_parameters(up)
+    assert round(total / 1e6, 3) == pytest.approx(expected_millions, abs=1e-9)
+
+    # The exact figure, from the architecture: model (+Ŵ) both ways, and for
+    # RedGrape C prototypes of d·C + C values each way.
+    d = model.feature_dim
+    per_direction = count_parameters(model)
+    if method_name == "redgrape":
+        per_direction += classes * _linear(d, classes)
+    assert total == 2 * per_direction
+
+
+def test_content_parameters_skips_batchnorm_statistics_and_integer_arrays() -> None:
+    model = build_model("resnet56", 10, 3, 32)
+    content = RecordDict({"arrays": ArrayRecord(model.state_dict())})
+    assert content_parameters(content) == 591_322
+    assert len(model.state_dict()) > len(list(model.parameters()))  # buffers travel too
+    with_ints = RecordDict(
+        {"m": payload_to_record({"i": np.arange(5, dtype=np.int64), "b": np.ones(3, bool), "f": np.ones(7, np.float32)})}
+    )
+    assert content_parameters(with_ints) == 7
