@@ -191,6 +191,8 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
     unknown = sorted(set(given) - set(OPTIONS))
     if unknown:
         raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}; known keys: {', '.join(OPTIONS)}")
+    for key, value in given.items():
+        _coerce(OPTIONS[key], value)  # a wrong type fails even where it compares equal (True == 1)
     explicit = {k: v for k, v in given.items() if v != OPTIONS[k].default}
     merged = defaults()
     preset = explicit.get("preset", "")

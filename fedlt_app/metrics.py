@@ -31,7 +31,7 @@ def evaluate(
     labels: Tensor,
     dataset: str,
     tail_classes: Sequence[int],
-    batch_size: int = 1000,
+    batch_size: int = 256,
 ) -> Evaluation:
     """Evaluate ``model`` as deployed: ``model(x)`` uses P and W only.
 

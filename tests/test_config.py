@@ -124,6 +124,7 @@ def test_boundary_and_alternative_values_are_accepted(key: str, value) -> None:
         ("batch-size", 0),
         ("grad-clip", -1.0),
         ("prox-mu", -0.1),
+        ("samples-per-class", -1),
         ("num-server-rounds", "5"),
         ("num-server-rounds", 5.5),
         ("seed", 1.5),
@@ -140,6 +141,12 @@ def test_bad_values_raise_naming_the_key(key: str, value) -> None:
     with pytest.raises(ConfigError) as info:
         resolve({key: value})
     assert str(info.value).startswith(key), str(info.value)
+
+
+@pytest.mark.parametrize(("key", "value"), [("seed", False), ("local-epochs", True), ("prox-mu", False)])
+def test_bools_are_refused_even_when_equal_to_the_default(key: str, value: bool) -> None:
+    with pytest.raises(ConfigError, match=f"^{key}"):
+        resolve({key: value})
 
 
 def test_unknown_key_raises_naming_it() -> None:

@@ -73,6 +73,23 @@ def test_forward_shapes_and_encoder_classifier_split(name, classes, channels, si
     assert torch.allclose(logits, composed, atol=1e-6)
 
 
+def test_reddi_cnn_features_come_after_the_dropouts() -> None:
+    """h is taken after dropout 0.5 (the authors' two-head model): random in train mode only."""
+    torch.manual_seed(0)
+    model = build_model("cnn", 10, 1, 28)
+    x = torch.rand(8, 1, 28, 28)
+    with torch.no_grad():
+        model.train()
+        a, b = model.encoder(x), model.encoder(x)
+        assert not torch.equal(a, b)
+        assert (a == 0).float().mean() > 0.4  # ReLU zeros plus half the units dropped
+        model.eval()
+        assert torch.equal(model.encoder(x), model.encoder(x))
+    dropouts = [m.p for m in model.encoder.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts == [0.25, 0.5]
+    assert isinstance(list(model.encoder.children())[-1], torch.nn.Dropout)
+
+
 def test_models_list_is_the_buildable_set() -> None:
     assert set(MODELS) == {"cnn", "cnn-mcmahan", "resnet56"}
 

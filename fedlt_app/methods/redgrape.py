@@ -138,8 +138,8 @@ class RedGrapeClient(ClientMethod):
         with torch.no_grad():
             features = torch.cat(
                 [
-                    model.encoder(augment(images[i : i + 512].to(device), self.cfg.dataset, generator))
-                    for i in range(0, len(images), 512)
+                    model.encoder(augment(images[i : i + 256].to(device), self.cfg.dataset, generator))
+                    for i in range(0, len(images), 256)
                 ]
             )
         model.train(was_training)
