@@ -15,6 +15,8 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+METHOD_NAMES = ("fedavg", "fedprox", "focal", "ratio-loss", "climb", "creff", "redgrape")
+SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 Check = Callable[[Any], str | None]
@@ -63,8 +65,9 @@ class Option:
 
 SCHEMA: tuple[Option, ...] = (
     Option("preset", str, "", "name of a file in conf/ (without .yaml) merged under explicit overrides"),
-    Option("method", str, "redgrape", "client/server method", one_of("fedavg", "redgrape")),
-    Option("dataset", str, "fmnist", "data set", one_of("mnist", "fmnist", "cifar10", "cifar100")),
+    Option("method", str, "redgrape", "client/server method", one_of(*METHOD_NAMES)),
+    Option("dataset", str, "fmnist", "data set (femnist: natural long tail and clients, needs partition=writers)",
+           one_of("mnist", "fmnist", "cifar10", "cifar100", "femnist")),
     Option("data-dir", str, "", "where data sets live (Fashion-MNIST is also found in /usr/share/datasets)"),
     Option("samples-per-class", int, 0, "quick subset: at most this many train and test samples per class (0 = all)",
            at_least(0)),
@@ -76,8 +79,9 @@ SCHEMA: tuple[Option, ...] = (
         str,
         "dirichlet",
         "dirichlet: equal quotas with Dir(alpha*p) label mixes (authors' code); "
-        "dirichlet-per-class: flwr-datasets' per-class split; iid",
-        one_of("dirichlet", "dirichlet-per-class", "iid"),
+        "dirichlet-per-class: flwr-datasets' per-class split; iid; "
+        "writers: FEMNIST's writers as clients (writer w to client w mod num-clients)",
+        one_of("dirichlet", "dirichlet-per-class", "iid", "writers"),
     ),
     Option("dirichlet-alpha", float, 1.0, "Dirichlet concentration (smaller = more non-iid)", at_least(0.0, strict=True)),
     Option("model", str, "cnn", "network", one_of("cnn", "cnn-mcmahan", "resnet56")),
@@ -90,6 +94,17 @@ SCHEMA: tuple[Option, ...] = (
     Option("grad-clip", float, 1.0, "global gradient-norm clip per step (0 = off)", at_least(0.0)),
     Option("prox-mu", float, 0.0, "FedProx proximal coefficient mu", at_least(0.0)),
     Option("server-lr", float, 1.0, "server learning rate on the averaged update", at_least(0.0, strict=True)),
+    Option("server-opt", str, "fedavg", "server optimizer on the averaged update (Flower's FedAvgM / FedAdam)",
+           one_of(*SERVER_OPTS)),
+    Option("server-momentum", float, 0.9, "FedAvgM's server momentum (server-opt=fedavgm)", in_range(0.0, 1.0)),
+    Option("focal-gamma", float, 2.0, "Fed-Focal's focusing parameter gamma", at_least(0.0)),
+    Option("ratio-aux-per-class", int, 32, "Ratio Loss: server auxiliary samples per class", at_least(1)),
+    Option("climb-epsilon", float, 0.01, "CLIMB's constraint slack epsilon", at_least(0.0)),
+    Option("climb-dual-lr", float, 2.0, "CLIMB's dual step size eta_D", at_least(0.0, strict=True)),
+    Option("creff-features-per-class", int, 100, "CReFF: federated features per class", at_least(1)),
+    Option("creff-match-steps", int, 100, "CReFF: feature-matching steps per round", at_least(1)),
+    Option("creff-feature-lr", float, 0.1, "CReFF: learning rate of the federated features", at_least(0.0, strict=True)),
+    Option("creff-retrain-epochs", int, 300, "CReFF: classifier re-training epochs (batch 32, local lr)", at_least(1)),
     Option("rebalance-lambda", float, 0.1, "RedGrape's lambda: weight of the re-balancing step", at_least(0.0)),
     Option("balance-threshold", int, 8, "RedGrape's T: real samples per class in the local balanced set", at_least(1)),
     Option("seed", int, 0, "seed of data, partition, initialisation, sampling and local shuffling"),
@@ -131,6 +146,16 @@ class RunConfig:
     grad_clip: float
     prox_mu: float
     server_lr: float
+    server_opt: str
+    server_momentum: float
+    focal_gamma: float
+    ratio_aux_per_class: int
+    climb_epsilon: float
+    climb_dual_lr: float
+    creff_features_per_class: int
+    creff_match_steps: int
+    creff_feature_lr: float
+    creff_retrain_epochs: int
     rebalance_lambda: float
     balance_threshold: int
     seed: int
@@ -212,4 +237,15 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
         if problem:
             raise ConfigError(f"{option.key}: {problem} (got {value!r})")
         values[option.key.replace("-", "_")] = value
+    if values["method"] == "fedprox" and values["prox_mu"] <= 0:
+        raise ConfigError("prox-mu: method 'fedprox' needs prox-mu > 0 (e.g. prox-mu=0.01)")
+    if values["dataset"] == "femnist" and values["partition"] != "writers":
+        raise ConfigError(
+            f"partition: dataset 'femnist' has natural clients (its writers); use partition=writers "
+            f"(got {values['partition']!r}), or preset=femnist"
+        )
+    if values["partition"] == "writers" and values["dataset"] != "femnist":
+        raise ConfigError(
+            f"partition: 'writers' needs dataset=femnist, the only one with writer ids (got {values['dataset']!r})"
+        )
     return RunConfig(**values)

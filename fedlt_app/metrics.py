@@ -13,10 +13,27 @@ from fedlt_app.data import to_float
 from fedlt_app.models import EncoderClassifier
 
 
+# The usual long-tail split by training samples per class (Liu et al., 2019).
+MANY_SHOT_ABOVE = 100
+FEW_SHOT_BELOW = 20
+
+
+def shot_groups(class_counts: Sequence[int]) -> dict[str, list[int]]:
+    """Classes with > 100 (many), 20–100 (medium) and < 20 (few) training samples."""
+    return {
+        "many": [c for c, n in enumerate(class_counts) if n > MANY_SHOT_ABOVE],
+        "medium": [c for c, n in enumerate(class_counts) if FEW_SHOT_BELOW <= n <= MANY_SHOT_ABOVE],
+        "few": [c for c, n in enumerate(class_counts) if n < FEW_SHOT_BELOW],
+    }
+
+
 @dataclass(frozen=True)
 class Evaluation:
     accuracy: float
     tail_accuracy: float
+    many_shot_accuracy: float | None
+    medium_shot_accuracy: float | None
+    few_shot_accuracy: float | None
     per_class_accuracy: list[float]
     loss: float
 
@@ -31,12 +48,14 @@ def evaluate(
     labels: Tensor,
     dataset: str,
     tail_classes: Sequence[int],
+    class_counts: Sequence[int],
     batch_size: int = 256,
 ) -> Evaluation:
     """Evaluate ``model`` as deployed: ``model(x)`` uses P and W only.
 
-    Tail accuracy pools the test samples of ``tail_classes`` (on a balanced
-    test set this equals the mean of their per-class accuracies).
+    Tail and many/medium/few-shot accuracies pool the test samples of their
+    classes (on a balanced test set: the mean of their per-class accuracies);
+    a group with no class is None.
     """
     device = next(model.parameters()).device
     was_training = model.training
@@ -54,11 +73,18 @@ def evaluate(
         correct += torch.bincount(y.cpu()[hits], minlength=num_classes)
         seen += torch.bincount(y.cpu(), minlength=num_classes)
     model.train(was_training)
-    tail = torch.as_tensor(list(tail_classes), dtype=torch.long)
+    def pooled(classes: Sequence[int]) -> float | None:
+        index = torch.as_tensor(list(classes), dtype=torch.long)
+        return float(correct[index].sum() / seen[index].sum().clamp(min=1)) if len(index) else None
+
+    groups = shot_groups(class_counts)
     per_class = correct.double() / seen.clamp(min=1)
     return Evaluation(
         accuracy=float(correct.sum() / seen.sum()),
-        tail_accuracy=float(correct[tail].sum() / seen[tail].sum().clamp(min=1)),
+        tail_accuracy=pooled(tail_classes) or 0.0,
+        many_shot_accuracy=pooled(groups["many"]),
+        medium_shot_accuracy=pooled(groups["medium"]),
+        few_shot_accuracy=pooled(groups["few"]),
         per_class_accuracy=[float(a) for a in per_class],
         loss=loss_sum / len(labels),
     )

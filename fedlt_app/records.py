@@ -10,6 +10,10 @@ from flwr.app import Array, ArrayRecord, RecordDict
 _BUFFER_SUFFIXES = ("running_mean", "running_var", "num_batches_tracked")
 
 
+def is_buffer(key: str) -> bool:
+    return key.endswith(_BUFFER_SUFFIXES)
+
+
 def payload_to_record(payload: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in payload.items()})
 
@@ -31,6 +35,6 @@ def content_parameters(content: RecordDict) -> int:
     for record in content.array_records.values():
         for key, array in record.items():
             values = array.numpy()
-            if np.issubdtype(values.dtype, np.floating) and not key.endswith(_BUFFER_SUFFIXES):
+            if np.issubdtype(values.dtype, np.floating) and not is_buffer(key):
                 total += values.size
     return total

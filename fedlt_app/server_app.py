@@ -8,14 +8,13 @@ from logging import INFO
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy import FedAvgM
 
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.data import tail_classes
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
 from fedlt_app.results import RunRecorder, run_directory
-from fedlt_app.strategy import FedLTStrategy
+from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.task import federated_data, initial_model, resolve_device
 
 app = ServerApp()
@@ -75,15 +74,9 @@ def main(grid: Grid, context: Context) -> None:
     test_images, test_labels = data.test_data()
 
     strategy = FedLTStrategy(
-        inner=FedAvgM(
-            fraction_train=1.0,
-            fraction_evaluate=0.0,
-            min_train_nodes=1,
-            min_available_nodes=1,
-            server_learning_rate=cfg.server_lr,
-            server_momentum=0.0,
-        ),
-        server_method=method.server(cfg, model),
+        inner=server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.local_lr),
+        server_method=method.server(cfg, model, data),
+        global_model=model,
         node_of_partition=node_of_partition,
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
@@ -102,7 +95,8 @@ def main(grid: Grid, context: Context) -> None:
 
         def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
             model.load_state_dict(arrays.to_torch_state_dict())
-            result = evaluate(model, test_images, test_labels, cfg.dataset, tail)
+            evaluated = strategy.server_method.evaluation_model(model) if server_round else model
+            result = evaluate(evaluated, test_images, test_labels, cfg.dataset, tail, data.class_counts)
             metrics = MetricRecord({"accuracy": result.accuracy, "tail-accuracy": result.tail_accuracy,
                                     "loss": result.loss})
             current = strategy.current

@@ -23,15 +23,53 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fedlt_app.methods import ClientReport, ServerMethod
-from fedlt_app.records import content_nbytes, content_parameters, payload_to_record, record_to_payload
+from fedlt_app.models import EncoderClassifier
+from fedlt_app.records import (
+    content_nbytes,
+    content_parameters,
+    is_buffer,
+    payload_to_record,
+    record_to_payload,
+)
 
 METHOD_KEY = "method"
+
+
+ADAM_BETAS = (0.9, 0.999)
+ADAM_EPSILON = 1e-8
+
+
+class TextbookFedAdam(FedAdam):
+    """Flower's FedAdam with Adam's bias correction at step t = server_round.
+
+    flwr 1.42 corrects with (1 − β^(round+1)), one step ahead of Kingma & Ba;
+    handing it ``round − 1`` gives the textbook
+    x ← x + η·√(1 − β₂ᵗ)/(1 − β₁ᵗ) · m/(√v + ε).
+    """
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return super().aggregate_train(server_round - 1, replies)
+
+
+def server_optimizer(name: str, server_lr: float, momentum: float, local_lr: float) -> FedAvg:
+    """Flower's strategy that turns the averaged update into the new model."""
+    sampling = {"fraction_train": 1.0, "fraction_evaluate": 0.0, "min_train_nodes": 1, "min_available_nodes": 1}
+    if name == "fedavg":
+        return FedAvgM(server_learning_rate=server_lr, server_momentum=0.0, **sampling)
+    if name == "fedavgm":
+        return FedAvgM(server_learning_rate=server_lr, server_momentum=momentum, **sampling)
+    if name == "fedadam":
+        return TextbookFedAdam(eta=server_lr, eta_l=local_lr, beta_1=ADAM_BETAS[0], beta_2=ADAM_BETAS[1],
+                               tau=ADAM_EPSILON, **sampling)
+    raise ValueError(f"server-opt: unknown server optimizer {name!r}; allowed: fedavg, fedavgm, fedadam")
 
 
 def sample_cohort(num_clients: int, clients_per_round: int, seed: int, server_round: int) -> list[int]:
@@ -75,6 +113,20 @@ class RoundLog:
     train_loss: float | None = None
 
 
+def average_buffers(arrays: ArrayRecord, replies: list[Message]) -> None:
+    """BatchNorm statistics: the weighted average, whatever the server optimizer.
+
+    Running means and variances are statistics, not parameters: a server
+    momentum or Adam step on them can even make a variance negative.
+    """
+    weights = np.array([float(r.content["metrics"]["num-examples"]) for r in replies], dtype=np.float64)
+    weights /= weights.sum()
+    for key in [k for k in arrays.keys() if is_buffer(k)]:
+        stacked = [r.content["arrays"][key].numpy() for r in replies]
+        mean = sum(w * x.astype(np.float64) for w, x in zip(weights, stacked, strict=True))
+        arrays[key] = Array(np.asarray(mean).astype(stacked[0].dtype if stacked[0].dtype.kind == "f" else np.float64))
+
+
 class FedLTStrategy(Strategy):
     """Wraps a Flower strategy (FedAvg family) with fedlt's per-round extras."""
 
@@ -82,12 +134,14 @@ class FedLTStrategy(Strategy):
         self,
         inner: FedAvg,
         server_method: ServerMethod,
+        global_model: EncoderClassifier,
         node_of_partition: dict[int, int],
         clients_per_round: int,
         seed: int,
     ) -> None:
         self.inner = inner
         self.server_method = server_method
+        self.global_model = global_model
         self.node_of_partition = dict(node_of_partition)
         self.partition_of_node = {node: part for part, node in node_of_partition.items()}
         self.clients_per_round = clients_per_round
@@ -107,7 +161,8 @@ class FedLTStrategy(Strategy):
         self.current = RoundLog(server_round, cohort)
         view = _CohortGrid(grid, [self.node_of_partition[p] for p in cohort])
         messages = list(self.inner.configure_train(server_round, arrays, config, view))  # type: ignore[arg-type]
-        payload = self.server_method.broadcast(server_round)
+        self.global_model.load_state_dict(arrays.to_torch_state_dict())
+        payload = self.server_method.broadcast(server_round, self.global_model)
         for message in messages:
             if payload:
                 message.content[METHOD_KEY] = payload_to_record(payload)
@@ -137,10 +192,16 @@ class FedLTStrategy(Strategy):
             succeeded.append(reply)
         if replies and not succeeded:
             raise RuntimeError(f"round {server_round}: every sampled client failed (partition ids {current.failed})")
+        losses = [float(r.content["metrics"]["train-loss"]) for r in succeeded]
+        current.train_loss = float(np.average(losses, weights=[r.num_examples for r in reports])) if losses else None
+        weights = self.server_method.aggregation_weights(server_round, reports)
+        if weights is not None:
+            for reply, weight in zip(succeeded, weights, strict=True):
+                reply.content["metrics"]["num-examples"] = float(weight)
         self.server_method.absorb(server_round, reports)
         arrays, metrics = self.inner.aggregate_train(server_round, succeeded)
-        if metrics is not None and "train-loss" in metrics:
-            current.train_loss = float(metrics["train-loss"])  # type: ignore[arg-type]
+        if arrays is not None:
+            average_buffers(arrays, succeeded)
         return arrays, metrics
 
     def configure_evaluate(

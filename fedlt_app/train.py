@@ -36,9 +36,9 @@ class TrainStats:
     mean_loss: float
 
 
-def proximal_term(model: EncoderClassifier, anchor: list[Tensor]) -> Tensor:
+def proximal_term(params: list[Tensor], anchor: list[Tensor]) -> Tensor:
     """FedProx's ½‖θ − θ_global‖², summed over every trainable tensor."""
-    return 0.5 * sum((p - a).pow(2).sum() for p, a in zip(model.parameters(), anchor, strict=True))
+    return 0.5 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
 
 
 def train_locally(
@@ -70,7 +70,7 @@ def train_locally(
             optimizer.zero_grad(set_to_none=True)
             loss = method.loss(model, x, y)
             if anchor:
-                loss = loss + setup.prox_mu * proximal_term(model, anchor)
+                loss = loss + setup.prox_mu * proximal_term(params, anchor)
             loss.backward()
             method.before_step(model)
             if setup.grad_clip > 0:

@@ -254,3 +254,9 @@ def test_every_shipped_preset_resolves(path: Path) -> None:
     # every value the preset sets is what the resolved config holds
     for key, value in config.load_preset(path.stem).items():
         assert cfg.as_dict()[key] == value, key
+
+
+def test_readme_documents_every_run_config_key() -> None:
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    missing = [o.key for o in config.SCHEMA if f"| `{o.key}` |" not in readme]
+    assert not missing, f"README's run-config table lacks {missing}"

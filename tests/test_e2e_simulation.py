@@ -75,3 +75,34 @@ def test_failed_run_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     code = run_app(tmp_path, monkeypatch, f"dirichlet-alpha=-1.0 output-dir='{tmp_path / 'out'}'", num_clients=2)
     assert code == 1
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("fedavg", ""),
+        ("fedprox", "prox-mu=0.01"),
+        ("focal", ""),
+        ("ratio-loss", "ratio-aux-per-class=8"),
+        ("climb", "climb-dual-lr=0.5"),
+        ("creff", "creff-features-per-class=10 creff-match-steps=5 creff-retrain-epochs=5"),
+        ("redgrape", "server-opt='fedadam' server-lr=0.01"),
+        ("redgrape", "server-opt='fedavgm' server-lr=0.5"),
+    ],
+)
+def test_every_method_runs_through_the_engine(
+    method: str, extra: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    code = run_app(
+        tmp_path,
+        monkeypatch,
+        f"method='{method}' {extra} num-server-rounds=2 samples-per-class=60 imbalance-ratio=10.0 "
+        f"output-dir='{tmp_path / 'out'}' run-name='m'",
+        num_clients=2,
+    )
+    assert code == 0
+    rows = [json.loads(line) for line in (tmp_path / "out" / "m" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    assert all(0.0 <= r["accuracy"] <= 1.0 and r["few_shot_accuracy"] is not None and "many_shot_accuracy" in r for r in rows)
+    summary = json.loads((tmp_path / "out" / "m" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["config"]["run_config"]["method"] == method

@@ -17,6 +17,7 @@ from flwr.serverapp.strategy import FedAvgM
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedlt_app.config import resolve
+from fedlt_app.data import FederatedData, ImageDataset
 from fedlt_app.methods import ClientReport, get_method
 from fedlt_app.methods.redgrape import two_head_logits
 from fedlt_app.models import MODELS, build_model, count_parameters
@@ -144,6 +145,27 @@ SETTINGS = {
 }
 
 
+def _federated_data(num_classes: int, channels: int, size: int) -> FederatedData:
+    """A one-client federation holding one sample of every class (the server parts only read its shape)."""
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randint(0, 256, (num_classes, channels, size, size), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(num_classes)
+    dataset = ImageDataset(
+        name="fmnist" if channels == 1 else "cifar10",
+        num_classes=num_classes,
+        train_images=images,
+        train_labels=labels,
+        test_images=images,
+        test_labels=labels,
+    )
+    return FederatedData(
+        dataset=dataset,
+        train_indices=np.arange(num_classes),
+        class_counts=(1,) * num_classes,
+        client_indices=(np.arange(num_classes),),
+    )
+
+
 def _client_report(method_name: str, cfg, model, num_classes: int, channels: int, size: int) -> dict:
     """The client's method report on a local set holding every class (one sample each)."""
     client = get_method(method_name).client(cfg, num_classes, {})
@@ -171,7 +193,7 @@ def test_table5_parameters_per_client_per_round(task_identity, setting, method_n
     method = get_method(method_name)
     torch.manual_seed(0)
     model = method.extend_model(build_model(model_name, classes, channels, size))
-    server = method.server(cfg, model)
+    server = method.server(cfg, model, _federated_data(classes, channels, size))
 
     # Up: what client_app.train returns (arrays + metrics + the method's report).
     report = _client_report(method_name, cfg, model, classes, channels, size)
@@ -191,6 +213,7 @@ def test_table5_parameters_per_client_per_round(task_identity, setting, method_n
     strategy = FedLTStrategy(
         inner=FedAvgM(fraction_train=1.0, fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1),
         server_method=server,
+        global_model=model,
         node_of_partition={0: 101},
         clients_per_round=0,
         seed=0,

@@ -12,16 +12,17 @@ from unittest.mock import Mock
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAvgM
 from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedlt_app.config import resolve
-from fedlt_app.methods import ServerMethod
+from fedlt_app.data import FederatedData, ImageDataset
+from fedlt_app.methods import ClientReport, ServerMethod
 from fedlt_app.methods.redgrape import RedGrapeServer
 from fedlt_app.models import EncoderClassifier
-from fedlt_app.strategy import METHOD_KEY, FedLTStrategy, sample_cohort
+from fedlt_app.strategy import METHOD_KEY, FedLTStrategy, sample_cohort, server_optimizer
 
 NUM_CLIENTS = 10
 NODE_OF_PARTITION = {p: 101 + p for p in range(NUM_CLIENTS)}
@@ -86,26 +87,46 @@ def toy_model() -> EncoderClassifier:
     return EncoderClassifier(nn.Flatten(), D, C)
 
 
+def toy_data(num_clients: int = NUM_CLIENTS) -> FederatedData:
+    """A federation of ``num_clients`` clients, two (1, 1, D) images each, built in memory."""
+    n = 2 * num_clients
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (n, 1, 1, D), dtype=torch.uint8, generator=generator)
+    labels = torch.arange(n) % C
+    dataset = ImageDataset(
+        name="fmnist", num_classes=C, train_images=images, train_labels=labels, test_images=images, test_labels=labels
+    )
+    return FederatedData(
+        dataset=dataset,
+        train_indices=np.arange(n),
+        class_counts=tuple(int(k) for k in np.bincount(labels.numpy(), minlength=C)),
+        client_indices=tuple(np.arange(2 * k, 2 * k + 2) for k in range(num_clients)),
+    )
+
+
 def make_strategy(
-    method: str = "redgrape", clients_per_round: int = 0, server_lr: float = 1.0, seed: int = 0
+    method: str = "redgrape",
+    clients_per_round: int = 0,
+    server_lr: float = 1.0,
+    seed: int = 0,
+    server_opt: str = "fedavg",
+    server_momentum: float = 0.9,
+    model: EncoderClassifier | None = None,
+    server_method: ServerMethod | None = None,
 ) -> FedLTStrategy:
     cfg = resolve({"method": method, "seed": seed})
-    server = RedGrapeServer(cfg, toy_model()) if method == "redgrape" else ServerMethod(cfg, toy_model())
-    inner = FedAvgM(
-        server_learning_rate=server_lr,
-        server_momentum=0.0,
-        fraction_train=1.0,
-        fraction_evaluate=0.0,
-        min_train_nodes=1,
-        min_available_nodes=1,
-    )
-    return FedLTStrategy(inner, server, NODE_OF_PARTITION, clients_per_round, seed)
+    model = toy_model() if model is None else model
+    if server_method is None:
+        server_method = (RedGrapeServer if method == "redgrape" else ServerMethod)(cfg, model, toy_data())
+    inner = server_optimizer(server_opt, server_lr, server_momentum, cfg.local_lr)
+    return FedLTStrategy(inner, server_method, model, NODE_OF_PARTITION, clients_per_round, seed)
 
 
 def model_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Weights shaped like ``toy_model()``'s state dict (the strategy loads them into it)."""
     return {
-        "layer.weight": rng.normal(size=(5, 2)).astype(np.float32),
-        "layer.bias": rng.normal(size=(5,)).astype(np.float32),
+        "classifier.weight": rng.normal(size=(C, D)).astype(np.float32),
+        "classifier.bias": rng.normal(size=(C,)).astype(np.float32),
     }
 
 
@@ -399,3 +420,191 @@ def test_configure_evaluate_sends_nothing() -> None:
     theta = to_record(model_arrays(np.random.default_rng(8)))
     assert list(strategy.configure_evaluate(1, theta, ConfigRecord(), make_grid())) == []
     assert strategy.aggregate_evaluate(1, []) is None
+
+
+# ---------------------------------------------------------------- the global model and broadcast
+
+
+class RecordingServer(ServerMethod):
+    """Records what the strategy hands its hooks; optionally replaces the averaging weights."""
+
+    def __init__(self, weights: list[float] | None = None) -> None:
+        super().__init__(resolve({"method": "fedavg"}), toy_model(), toy_data())
+        self.weights = weights
+        self.seen_by_broadcast: list[dict[str, np.ndarray]] = []
+        self.weight_reports: list[ClientReport] = []
+        self.absorbed: list[ClientReport] = []
+
+    def broadcast(self, server_round: int, global_model: EncoderClassifier) -> dict[str, np.ndarray]:
+        self.seen_by_broadcast.append({k: v.detach().numpy().copy() for k, v in global_model.state_dict().items()})
+        return {}
+
+    def aggregation_weights(self, server_round: int, reports: list[ClientReport]) -> list[float] | None:
+        self.weight_reports = list(reports)
+        return self.weights
+
+    def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
+        self.absorbed = list(reports)
+
+
+def test_configure_train_loads_the_sent_arrays_into_the_global_model_before_broadcast() -> None:
+    rng = np.random.default_rng(9)
+    model = toy_model()
+    server = RecordingServer()
+    strategy = make_strategy(method="fedavg", model=model, server_method=server)
+    for server_round in (1, 2):
+        theta = model_arrays(rng)
+        strategy.configure_train(server_round, to_record(theta), ConfigRecord(), make_grid())
+        seen = server.seen_by_broadcast[-1]
+        assert seen.keys() == theta.keys()
+        for key in theta:
+            assert np.array_equal(seen[key], theta[key]), (server_round, key)
+            assert np.array_equal(model.state_dict()[key].numpy(), theta[key])
+    assert len(server.seen_by_broadcast) == 2
+
+
+def test_aggregation_weights_of_the_server_method_replace_the_sample_counts() -> None:
+    rng = np.random.default_rng(10)
+    weights = [3.0, 0.0, 1.0]
+    server = RecordingServer(weights)
+    strategy = make_strategy(method="fedavg", clients_per_round=3, server_method=server)
+    theta = model_arrays(rng)
+    strategy.configure_train(1, to_record(theta), ConfigRecord(), make_grid())
+    cohort = strategy.current.cohort
+    client_arrays = [model_arrays(rng) for _ in cohort]
+    sizes = [50, 7, 900]
+    arrays, _ = strategy.aggregate_train(
+        1, [reply(p, a, n, 1.0) for p, a, n in zip(cohort, client_arrays, sizes, strict=True)]
+    )
+    got = as_numpy(arrays)
+    by_weights = weighted_average(client_arrays, weights)
+    by_sizes = weighted_average(client_arrays, sizes)
+    for key in by_weights:
+        assert np.allclose(got[key], by_weights[key], atol=1e-5), key
+        assert not np.allclose(got[key], by_sizes[key], atol=1e-3), key
+    # the hooks see the clients' real sample counts, not the replaced weights
+    for reports in (server.weight_reports, server.absorbed):
+        assert [(r.partition_id, r.num_examples) for r in reports] == list(zip(cohort, sizes, strict=True))
+
+
+# ---------------------------------------------------------------- server optimizers
+
+
+def bn_model() -> EncoderClassifier:
+    return EncoderClassifier(nn.BatchNorm1d(D), D, C)
+
+
+def bn_arrays(rng: np.random.Generator, var_scale: float = 0.1) -> dict[str, np.ndarray]:
+    """A ``bn_model()`` state dict: parameters, and BatchNorm statistics with small variances."""
+    return {
+        "encoder.weight": rng.normal(size=(D,)).astype(np.float32),
+        "encoder.bias": rng.normal(size=(D,)).astype(np.float32),
+        "encoder.running_mean": rng.normal(size=(D,)).astype(np.float32),
+        "encoder.running_var": (var_scale * rng.uniform(0.5, 1.0, size=(D,))).astype(np.float32),
+        "encoder.num_batches_tracked": np.array(int(rng.integers(1, 100)), dtype=np.int64),
+        "classifier.weight": rng.normal(size=(C, D)).astype(np.float32),
+        "classifier.bias": rng.normal(size=(C,)).astype(np.float32),
+    }
+
+
+BUFFERS = ("encoder.running_mean", "encoder.running_var", "encoder.num_batches_tracked")
+
+
+@pytest.mark.parametrize(("server_opt", "server_lr"), [("fedavg", 0.7), ("fedavgm", 1.0), ("fedadam", 0.1)])
+def test_batchnorm_statistics_are_the_plain_weighted_average_whatever_the_server_optimizer(
+    server_opt: str, server_lr: float
+) -> None:
+    rng = np.random.default_rng(11)
+    model = bn_model()
+    assert set(model.state_dict()) == set(bn_arrays(rng))
+    strategy = make_strategy(method="fedavg", clients_per_round=3, server_lr=server_lr, server_opt=server_opt,
+                             model=model, server_method=ServerMethod(resolve({"method": "fedavg"}), model, toy_data()))
+    # The global variances start at 1 and the clients' sit near 0.1: a momentum (or
+    # Adam) step on them would overshoot below zero in round 2.
+    current = bn_arrays(rng, var_scale=1.0)
+    current["encoder.running_var"] = np.ones(D, dtype=np.float32)
+    for server_round in (1, 2):
+        strategy.configure_train(server_round, to_record(current), ConfigRecord(), make_grid())
+        cohort = strategy.current.cohort
+        client_arrays = [bn_arrays(rng) for _ in cohort]
+        sizes = [5, 40, 12]
+        arrays, _ = strategy.aggregate_train(
+            server_round, [reply(p, a, n, 1.0) for p, a, n in zip(cohort, client_arrays, sizes, strict=True)]
+        )
+        got = as_numpy(arrays)
+        average = weighted_average(client_arrays, sizes)
+        for key in BUFFERS:
+            assert np.allclose(got[key].astype(np.float64), average[key], rtol=1e-5, atol=1e-5), (server_round, key)
+        assert np.all(got["encoder.running_var"] > 0)
+        if server_round == 2:  # the parameters did get the optimizer's step, not the plain average
+            assert not np.allclose(got["classifier.weight"], average["classifier.weight"], atol=1e-3)
+        assert all(np.all(np.isfinite(v)) for v in got.values())
+        model.load_state_dict(arrays.to_torch_state_dict())  # the next round's global model loads
+        current = got
+
+
+def run_rounds(strategy: FedLTStrategy, rng: np.random.Generator, theta: dict[str, np.ndarray], rounds: int):
+    """Drive ``rounds`` rounds; returns [(client arrays, sizes, aggregated arrays)] per round."""
+    history = []
+    current = theta
+    for server_round in range(1, rounds + 1):
+        strategy.configure_train(server_round, to_record(current), ConfigRecord(), make_grid())
+        cohort = strategy.current.cohort
+        client_arrays = [model_arrays(rng) for _ in cohort]
+        sizes = [int(n) for n in rng.integers(1, 100, size=len(cohort))]
+        arrays, _ = strategy.aggregate_train(
+            server_round, [reply(p, a, n, 1.0) for p, a, n in zip(cohort, client_arrays, sizes, strict=True)]
+        )
+        current = as_numpy(arrays)
+        history.append((client_arrays, sizes, current))
+    return history
+
+
+def test_fedavgm_is_textbook_server_momentum_over_two_rounds() -> None:
+    rng = np.random.default_rng(12)
+    lr, beta = 0.5, 0.9
+    strategy = make_strategy(method="fedavg", clients_per_round=3, server_lr=lr, server_opt="fedavgm",
+                             server_momentum=beta)
+    theta = model_arrays(rng)
+    history = run_rounds(strategy, rng, theta, rounds=2)
+
+    expected = {k: v.astype(np.float64) for k, v in theta.items()}
+    velocity = {k: np.zeros_like(v) for k, v in expected.items()}
+    for server_round, (client_arrays, sizes, got) in enumerate(history, start=1):
+        average = weighted_average(client_arrays, sizes)
+        for key in expected:
+            velocity[key] = beta * velocity[key] + (expected[key] - average[key])
+            expected[key] = expected[key] - lr * velocity[key]
+            assert np.allclose(got[key], expected[key], rtol=1e-5, atol=1e-5), (server_round, key)
+    # momentum mattered: round 2 is not the plain server-lr step
+    client_arrays, sizes, got = history[1]
+    plain = history[0][2]["classifier.weight"] + lr * (
+        weighted_average(client_arrays, sizes)["classifier.weight"] - history[0][2]["classifier.weight"]
+    )
+    assert not np.allclose(got["classifier.weight"], plain, atol=1e-3)
+
+
+def test_fedadam_is_textbook_adam_with_bias_correction_at_the_round_number() -> None:
+    rng = np.random.default_rng(13)
+    lr, beta1, beta2, eps = 0.1, 0.9, 0.999, 1e-8
+    strategy = make_strategy(method="fedavg", clients_per_round=3, server_lr=lr, server_opt="fedadam")
+    theta = model_arrays(rng)
+    history = run_rounds(strategy, rng, theta, rounds=2)
+
+    expected = {k: v.astype(np.float64) for k, v in theta.items()}
+    m = {k: np.zeros_like(v) for k, v in expected.items()}
+    v = {k: np.zeros_like(x) for k, x in expected.items()}
+    for t, (client_arrays, sizes, got) in enumerate(history, start=1):
+        average = weighted_average(client_arrays, sizes)
+        for key in expected:
+            delta = average[key] - expected[key]
+            m[key] = beta1 * m[key] + (1 - beta1) * delta
+            v[key] = beta2 * v[key] + (1 - beta2) * delta**2
+            step = lr * np.sqrt(1 - beta2**t) / (1 - beta1**t)
+            expected[key] = expected[key] + step * m[key] / (np.sqrt(v[key]) + eps)
+            assert np.allclose(got[key], expected[key], rtol=1e-5, atol=1e-5), (t, key)
+
+
+def test_server_optimizer_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="server-opt"):
+        server_optimizer("fedyogi", 1.0, 0.9, 0.01)

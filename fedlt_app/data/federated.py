@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from .longtail import longtail_counts, longtail_indices
-from .partition import partition_indices
+from .partition import WRITER_PARTITION, partition_indices, partition_writers
 from .sources import ImageDataset, load_dataset
 
 
@@ -64,6 +64,25 @@ def first_per_class(labels: np.ndarray, limit: int) -> np.ndarray:
     return np.sort(np.concatenate(keep)).astype(np.int64)
 
 
+# Data sets whose clients are given by the data (their writers), and whose long
+# tail is natural: no long-tail cut, and only the "writers" partition.
+NATURAL_CLIENT_DATASETS = ("femnist",)
+
+
+def check_partition(dataset: str, partition: str) -> None:
+    """Refuse a partition scheme that does not fit the data set (each way round)."""
+    if dataset in NATURAL_CLIENT_DATASETS and partition != WRITER_PARTITION:
+        raise ValueError(
+            f"partition: dataset {dataset!r} has natural clients (its writers) and a natural long tail; "
+            f"use partition {WRITER_PARTITION!r} (got {partition!r})"
+        )
+    if partition == WRITER_PARTITION and dataset not in NATURAL_CLIENT_DATASETS:
+        raise ValueError(
+            f"partition: {WRITER_PARTITION!r} needs per-sample writer ids, which only dataset(s) "
+            f"{', '.join(NATURAL_CLIENT_DATASETS)} have (got dataset {dataset!r})"
+        )
+
+
 def load_federated_data(
     dataset: str,
     data_dir: str | os.PathLike[str] | None,
@@ -82,9 +101,15 @@ def load_federated_data(
     samples of each class (a quick subset whose test set stays balanced).
     Arguments are normalised before the cache lookup, so e.g. a list of
     minority classes or IR 100 vs 100.0 still hit the same cache entry.
+
+    FEMNIST (partition "writers") keeps its natural long tail: no cut, so
+    ``class_counts`` are the natural counts and the imbalance arguments are
+    ignored; its clients are its writers (see :func:`partition_writers`).
     """
+    dataset = str(dataset).strip().lower()
+    check_partition(dataset, str(partition))
     return _build(
-        str(dataset).strip().lower(),
+        dataset,
         str(data_dir) if data_dir else "",
         str(imbalance_profile),
         float(imbalance_ratio),
@@ -114,12 +139,19 @@ def _build(
     labels = data.train_labels.numpy()
     pool = np.arange(len(labels)) if samples_per_class <= 0 else first_per_class(labels, samples_per_class)
     original = np.bincount(labels[pool], minlength=data.num_classes)
-    counts = longtail_counts(original.tolist(), imbalance_profile, imbalance_ratio, minority_classes)
-    train_indices = pool[longtail_indices(labels[pool], counts, np.random.default_rng(seed))]
     test_indices = None
     if samples_per_class > 0:
         test_indices = first_per_class(data.test_labels.numpy(), samples_per_class)
-    parts = partition_indices(labels[train_indices], partition, num_clients, dirichlet_alpha, seed)
+    if partition == WRITER_PARTITION:
+        if data.train_writers is None:
+            raise ValueError(f"partition: {WRITER_PARTITION!r} needs writer ids, which data set {dataset!r} lacks")
+        counts = original.tolist()  # the natural long tail: nothing is cut
+        train_indices = pool.astype(np.int64)
+        parts = partition_writers(data.train_writers.numpy()[train_indices], num_clients)
+    else:
+        counts = longtail_counts(original.tolist(), imbalance_profile, imbalance_ratio, minority_classes)
+        train_indices = pool[longtail_indices(labels[pool], counts, np.random.default_rng(seed))]
+        parts = partition_indices(labels[train_indices], partition, num_clients, dirichlet_alpha, seed)
     client_indices = tuple(train_indices[part] for part in parts)
     # Every caller in the process shares these arrays through the cache.
     for array in (train_indices, *client_indices):

@@ -3,6 +3,7 @@
 "dirichlet" is the scheme the authors' code uses (label skew without quantity
 skew); "dirichlet-per-class" is the classic per-class Dirichlet split, taken
 from flwr-datasets so that it is the community's implementation and not ours.
+"writers" (FEMNIST) keeps the data's natural clients: see :func:`partition_writers`.
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import warnings
 
 import numpy as np
 
-PARTITIONS = ("dirichlet", "dirichlet-per-class", "iid")
+PARTITIONS = ("dirichlet", "dirichlet-per-class", "iid")  # label-based, for :func:`partition_indices`
+WRITER_PARTITION = "writers"  # natural clients, for :func:`partition_writers`
 
 
 def partition_indices(labels: np.ndarray, scheme: str, num_clients: int, alpha: float, seed: int) -> list[np.ndarray]:
@@ -170,3 +172,31 @@ def _per_class_dirichlet(labels: np.ndarray, num_clients: int, alpha: float, see
             f"({err}); use a larger alpha or fewer clients"
         ) from err
     return parts
+
+
+# ------------------------------------------------------------ natural clients
+
+
+def partition_writers(writers: np.ndarray, num_clients: int) -> list[np.ndarray]:
+    """Positions into ``writers`` for each client, keeping every writer's samples together.
+
+    ``writers`` holds one writer index per sample (sorted-name order). With W
+    distinct writers present and K clients: K == W gives each client one
+    writer, in writer order; K < W deals writer w (its rank among the present
+    writers) to client w mod K. No randomness, so every process agrees.
+    """
+    writers = np.asarray(writers)
+    if writers.ndim != 1 or not np.issubdtype(writers.dtype, np.integer):
+        raise ValueError(f"writers must be a 1-D integer array, got {writers.dtype} {writers.shape}")
+    if int(num_clients) != num_clients or num_clients < 1:
+        raise ValueError(f"num-partitions: the number of clients must be an integer >= 1, got {num_clients!r}")
+    present, rank = np.unique(writers, return_inverse=True)
+    if num_clients > present.size:
+        raise ValueError(
+            f"num-partitions: {num_clients} clients but the training set has only {present.size} writers; "
+            f"partition 'writers' allows 1..{present.size} clients ({present.size} = one client per writer)"
+        )
+    client = rank.reshape(-1) % int(num_clients)
+    order = np.argsort(client, kind="stable")  # stable: each client's positions stay sorted
+    sizes = np.bincount(client, minlength=int(num_clients))
+    return [part.astype(np.int64) for part in np.split(order, np.cumsum(sizes)[:-1])]

@@ -1,7 +1,8 @@
 """Read the raw image data sets from disk in their published formats.
 
 Only the on-disk formats the data sets are distributed in are read (MNIST IDX
-files and the CIFAR "python version" pickles), so the loader works offline and
+files, the CIFAR "python version" pickles, and FEMNIST's LEAF JSON / TFF HDF5
+files, see :mod:`.femnist`), so the loader works offline and
 never has to fall back to anything: if the files are not found the caller gets
 a :class:`DatasetNotFoundError` that says where we looked and how to get them.
 """
@@ -19,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-DATASETS = ("mnist", "fmnist", "cifar10", "cifar100")
+DATASETS = ("mnist", "fmnist", "cifar10", "cifar100", "femnist")
 
 SYSTEM_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -61,13 +62,17 @@ class ImageDataset:
     train_labels: torch.Tensor  # int64, (N,)
     test_images: torch.Tensor  # uint8, (M, C, H, W), contiguous
     test_labels: torch.Tensor  # int64, (M,)
+    # int64, (N,): index of each training sample's writer in the sorted list of
+    # writer names, for data sets with natural clients (FEMNIST); else None.
+    train_writers: torch.Tensor | None = None
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None) -> ImageDataset:
     """Load one of :data:`DATASETS`, decoding it at most once per process.
 
     ``data_dir`` may be None or "" when no data directory is configured; then
-    only system-wide locations (Fashion-MNIST's apt package) are searched.
+    only system-wide locations (Fashion-MNIST's apt package, FEMNIST's
+    Hugging Face cache) are searched.
     """
     key = str(name).strip().lower()
     if key not in DATASETS:
@@ -82,6 +87,10 @@ def _load_cached(name: str, data_dir: str) -> ImageDataset:
     root = Path(data_dir) if data_dir else None
     if name in ("mnist", "fmnist"):
         return _load_idx_dataset(name, root)
+    if name == "femnist":
+        from .femnist import load_femnist  # imported here: femnist imports this module
+
+        return load_femnist(root)
     return _load_cifar_dataset(name, root)
 
 

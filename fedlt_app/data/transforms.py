@@ -13,7 +13,7 @@ _NORMALISATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
 }
-_GRAYSCALE = ("mnist", "fmnist")
+_GRAYSCALE = ("mnist", "fmnist", "femnist")
 CROP_PADDING = 4
 CUTOUT_SIZE = 16
 

@@ -6,6 +6,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, extend_nothing
+from fedlt_app.methods.climb import ClimbClient, ClimbServer
+from fedlt_app.methods.creff import CReFFClient, CReFFServer
+from fedlt_app.methods.focal import FocalClient
+from fedlt_app.methods.ratio_loss import RatioLossClient, RatioLossServer
 from fedlt_app.methods.redgrape import RedGrapeClient, RedGrapeServer, add_supplementary_classifier
 from fedlt_app.models import EncoderClassifier
 
@@ -19,6 +23,11 @@ class Method:
 
 METHODS: dict[str, Method] = {
     "fedavg": Method(ClientMethod, ServerMethod),
+    "fedprox": Method(ClientMethod, ServerMethod),  # the proximal term lives in the shared loop (prox-mu)
+    "focal": Method(FocalClient, ServerMethod),
+    "ratio-loss": Method(RatioLossClient, RatioLossServer),
+    "climb": Method(ClimbClient, ClimbServer),
+    "creff": Method(CReFFClient, CReFFServer),
     "redgrape": Method(RedGrapeClient, RedGrapeServer, add_supplementary_classifier),
 }
 

@@ -15,6 +15,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from fedlt_app.config import RunConfig
+from fedlt_app.data import FederatedData
 from fedlt_app.models import EncoderClassifier
 
 Payload = dict[str, np.ndarray]
@@ -59,18 +60,31 @@ class ClientReport:
 
 
 class ServerMethod:
-    """Server side of a method that needs nothing beyond weighted averaging."""
+    """Server side of a method that needs nothing beyond weighted averaging.
 
-    def __init__(self, cfg: RunConfig, model: EncoderClassifier) -> None:
+    Hooks run in this order each round: ``broadcast`` (with the global model
+    being sent), then, on the replies that succeeded, ``aggregation_weights``
+    and ``absorb``; ``evaluation_model`` picks what the server tests.
+    """
+
+    def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         self.cfg = cfg
         self.num_classes = model.num_classes
 
-    def broadcast(self, server_round: int) -> Payload:
+    def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         """Arrays sent to every sampled client with the global model."""
         return {}
 
+    def aggregation_weights(self, server_round: int, reports: list[ClientReport]) -> list[float] | None:
+        """Replace the sample counts as model-averaging weights (None: keep them)."""
+        return None
+
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
         """Take this round's client payloads (only replies that succeeded)."""
+
+    def evaluation_model(self, global_model: EncoderClassifier) -> EncoderClassifier:
+        """The network the server evaluates, given the new global model."""
+        return global_model
 
     def round_metrics(self) -> dict[str, float | int]:
         """Method state worth a column in metrics.jsonl."""

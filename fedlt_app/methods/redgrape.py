@@ -31,7 +31,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from fedlt_app.data import augment
+from fedlt_app.config import RunConfig
+from fedlt_app.data import FederatedData, augment
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
 from fedlt_app.models import EncoderClassifier
 
@@ -183,14 +184,14 @@ class RedGrapeClient(ClientMethod):
 class RedGrapeServer(ServerMethod):
     """Server side: the persistent per-class store of global gradient prototypes."""
 
-    def __init__(self, cfg, model: EncoderClassifier) -> None:  # type: ignore[no-untyped-def]
-        super().__init__(cfg, model)
+    def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
+        super().__init__(cfg, model, data)
         shape = tuple(model.classifier.weight.shape)
         self.weight = np.zeros((self.num_classes, *shape), dtype=np.float32)
         self.bias = np.zeros((self.num_classes, shape[0]), dtype=np.float32)
         self.known = np.zeros(self.num_classes, dtype=bool)
 
-    def broadcast(self, server_round: int) -> Payload:
+    def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         if not self.known.any():
             return {}
         return {"proto-weight": self.weight, "proto-bias": self.bias, "proto-mask": self.known}
