@@ -12,7 +12,7 @@ from fedlt_app.methods import get_method
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.records import payload_to_record, record_to_payload
 from fedlt_app.strategy import METHOD_KEY
-from fedlt_app.task import client_seed, federated_data, method_model, resolve_device
+from fedlt_app.task import client_dataset, client_seed, method_model, node_partition, resolve_device
 from fedlt_app.train import LocalTraining, train_locally
 
 app = ClientApp()
@@ -20,16 +20,6 @@ app = ClientApp()
 # One model object per worker process, reused by every virtual client it
 # serves: only its weights change between messages.
 _MODELS: dict[tuple, EncoderClassifier] = {}
-
-
-def _partition(context: Context) -> tuple[int, int]:
-    try:
-        return int(context.node_config["partition-id"]), int(context.node_config["num-partitions"])
-    except KeyError as missing:
-        raise ValueError(
-            f"node config: {missing} is missing; start SuperNodes with "
-            "--node-config 'partition-id=<i> num-partitions=<n>'"
-        ) from None
 
 
 def _model(cfg: RunConfig, data: FederatedData, device: torch.device) -> EncoderClassifier:
@@ -42,7 +32,7 @@ def _model(cfg: RunConfig, data: FederatedData, device: torch.device) -> Encoder
 @app.query("partition")
 def report_partition(msg: Message, context: Context) -> Message:
     """Tell the server which partition this node holds (for seeded cohorts)."""
-    partition_id, num_partitions = _partition(context)
+    partition_id, num_partitions = node_partition(context.node_config)
     record = MetricRecord({"partition-id": partition_id, "num-partitions": num_partitions})
     return Message(RecordDict({"partition": record}), reply_to=msg)
 
@@ -50,9 +40,8 @@ def report_partition(msg: Message, context: Context) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg = resolve(context.run_config)
-    partition_id, num_partitions = _partition(context)
-    data = federated_data(cfg, num_partitions)
-    images, labels = data.client_data(partition_id)
+    partition_id, _ = node_partition(context.node_config)
+    data, images, labels = client_dataset(cfg, context.node_config)
     device = resolve_device(cfg.device)
     model = _model(cfg, data, device)
     model.load_state_dict(msg.content["arrays"].to_torch_state_dict())

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 import torch
+from torch import Tensor
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData, load_federated_data
@@ -33,6 +37,25 @@ def federated_data(cfg: RunConfig, num_clients: int) -> FederatedData:
         seed=cfg.seed,
         samples_per_class=cfg.samples_per_class,
     )
+
+
+def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
+    """(partition-id, num-partitions) of this node, from its node config."""
+    try:
+        return int(node_config["partition-id"]), int(node_config["num-partitions"])
+    except KeyError as missing:
+        raise ValueError(
+            f"node config: {missing} is missing; start SuperNodes with "
+            "--node-config 'partition-id=<i> num-partitions=<n>'"
+        ) from None
+
+
+def client_dataset(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[FederatedData, Tensor, Tensor]:
+    """The run's data and this node's own (uint8 images, labels)."""
+    partition_id, num_partitions = node_partition(node_config)
+    data = federated_data(cfg, num_partitions)
+    images, labels = data.client_data(partition_id)
+    return data, images, labels
 
 
 def method_model(cfg: RunConfig, data: FederatedData) -> EncoderClassifier:
