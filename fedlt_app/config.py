@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 
 METHOD_NAMES = ("fedavg", "fedprox", "focal", "ratio-loss", "climb", "creff", "redgrape")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
+AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 Check = Callable[[Any], str | None]
@@ -38,12 +39,21 @@ def in_range(low: float, high: float) -> Check:
     return lambda v: None if low <= v < high else f"must be in [{low}, {high})"
 
 
+def in_range_closed(low: float, high: float) -> Check:
+    """low < v <= high."""
+    return lambda v: None if low < v <= high else f"must be in ({low}, {high}]"
+
+
 def class_list(v: str) -> str | None:
     try:
         parse_class_list(v)
     except ValueError:
         return 'must be comma-separated class indices, e.g. "0,7,8"'
     return None
+
+
+def optional_class_list(v: str) -> str | None:
+    return None if not v.strip() else class_list(v)
 
 
 def parse_class_list(text: str) -> tuple[int, ...]:
@@ -80,8 +90,9 @@ SCHEMA: tuple[Option, ...] = (
         "dirichlet",
         "dirichlet: equal quotas with Dir(alpha*p) label mixes (authors' code); "
         "dirichlet-per-class: flwr-datasets' per-class split; iid; "
-        "writers: FEMNIST's writers as clients (writer w to client w mod num-clients)",
-        one_of("dirichlet", "dirichlet-per-class", "iid", "writers"),
+        "writers: FEMNIST's writers as clients (writer w to client w mod num-clients); "
+        "dir-balance: FairFAL's equal-size clients with Dir(alpha) label mixes",
+        one_of("dirichlet", "dirichlet-per-class", "iid", "writers", "dir-balance"),
     ),
     Option("dirichlet-alpha", float, 1.0, "Dirichlet concentration (smaller = more non-iid)", at_least(0.0, strict=True)),
     Option("model", str, "cnn", "network", one_of("cnn", "cnn-mcmahan", "resnet56")),
@@ -89,7 +100,7 @@ SCHEMA: tuple[Option, ...] = (
     Option("clients-per-round", int, 0, "clients sampled per round (0 = all)", at_least(0)),
     Option("local-epochs", int, 1, "local epochs per round", at_least(1)),
     Option("batch-size", int, 64, "local mini-batch size", at_least(1)),
-    Option("local-lr", float, 0.01, "client SGD learning rate", at_least(0.0, strict=True)),
+    Option("local-lr", float, 0.05, "client SGD learning rate", at_least(0.0, strict=True)),
     Option("momentum", float, 0.9, "client SGD momentum", in_range(0.0, 1.0)),
     Option("grad-clip", float, 1.0, "global gradient-norm clip per step (0 = off)", at_least(0.0)),
     Option("prox-mu", float, 0.0, "FedProx proximal coefficient mu", at_least(0.0)),
@@ -107,6 +118,42 @@ SCHEMA: tuple[Option, ...] = (
     Option("creff-retrain-epochs", int, 300, "CReFF: classifier re-training epochs (batch 32, local lr)", at_least(1)),
     Option("rebalance-lambda", float, 0.1, "RedGrape's lambda: weight of the re-balancing step", at_least(0.0)),
     Option("balance-threshold", int, 8, "RedGrape's T: real samples per class in the local balanced set", at_least(1)),
+    Option("round-timeout", float, 3600.0, "seconds to wait for a round's replies; late clients count as failed",
+           at_least(0.0, strict=True)),
+    Option("max-failure-fraction", float, 0.5, "stop the run when more of a round's clients fail", in_range(0.0, 1.0001)),
+    Option("checkpoint-every", int, 10, "write a resumable checkpoint every this many rounds (0 = never)", at_least(0)),
+    Option("resume-from", str, "", "a run directory whose checkpoint this run continues"),
+    Option("debug-fail-partitions", str, "", "fault injection: these partition ids raise in training (e.g. \"1,3\")",
+           optional_class_list),
+    Option("debug-hang-partitions", str, "", "fault injection: these partition ids stall past round-timeout",
+           optional_class_list),
+    Option("al-method", str, "none", "active learning: none (plain federated training), fairfal, random, entropy",
+           one_of("none", *AL_METHODS)),
+    Option("al-query-ratio", float, 0.05, "labeled ratio of the first cycle and added by every query",
+           in_range_closed(0.0, 1.0)),
+    Option("al-end-ratio", float, 0.45, "last labeled ratio (cycles run while round(ratio, 2) <= this)",
+           in_range_closed(0.0, 1.0)),
+    Option("fl-rounds-per-cycle", int, 100, "federated rounds of every active-learning cycle", at_least(1)),
+    Option("al-reset-per-cycle", bool, True, "re-initialise the model at the start of every cycle"),
+    Option("al-report-query-counts", bool, False,
+           "clients report per-class counts of what they labeled (a label histogram; off by default)"),
+    Option("fairfal-t", float, 0.5, "FairFAL's t in the query-model score", in_range_closed(0.0, 1.0)),
+    Option("fairfal-global-threshold", float, 0.75, "global model for uncertainty when the score exceeds this"),
+    Option("fairfal-gradnet-threshold", float, 0.5, "global model for gradient embeddings when r-bar is below this"),
+    Option("fairfal-oversample", float, 4.0, "uncertainty candidates per class: this times the class quota",
+           at_least(1.0)),
+    Option("fairfal-proto-temperature", float, 1.5, "prototype softmax temperature (argmax only: no effect)",
+           at_least(0.0, strict=True)),
+    Option("fairfal-local-epochs", int, 50, "local-only model: at most this many epochs", at_least(1)),
+    Option("fairfal-local-milestone", int, 37, "local-only model: lr x0.1 after this many steps (0 = never)",
+           at_least(0)),
+    Option("fairfal-local-milestone-unit", str, "batch", "unit of fairfal-local-milestone (the code: batch)",
+           one_of("batch", "epoch")),
+    Option("fairfal-local-early-stop", float, 0.99, "local-only model: stop at this training accuracy",
+           in_range_closed(0.0, 1.0)),
+    Option("fairfal-freeze-global-ratio", bool, True, "keep r-bar from the first query (the code) or renew it"),
+    Option("fairfal-distance", str, "euclidean-squared", "k-center distance on gradient embeddings",
+           one_of("euclidean-squared", "cosine")),
     Option("seed", int, 0, "seed of data, partition, initialisation, sampling and local shuffling"),
     Option("device", str, "auto", "where clients and server compute", one_of("auto", "cpu", "cuda")),
     Option("output-dir", str, "outputs", "results go to <output-dir>/<run-name>/ (relative: to the app's directory)"),
@@ -158,6 +205,29 @@ class RunConfig:
     creff_retrain_epochs: int
     rebalance_lambda: float
     balance_threshold: int
+    round_timeout: float
+    max_failure_fraction: float
+    checkpoint_every: int
+    resume_from: str
+    debug_fail_partitions: str
+    debug_hang_partitions: str
+    al_method: str
+    al_query_ratio: float
+    al_end_ratio: float
+    fl_rounds_per_cycle: int
+    al_reset_per_cycle: bool
+    al_report_query_counts: bool
+    fairfal_t: float
+    fairfal_global_threshold: float
+    fairfal_gradnet_threshold: float
+    fairfal_oversample: float
+    fairfal_proto_temperature: float
+    fairfal_local_epochs: int
+    fairfal_local_milestone: int
+    fairfal_local_milestone_unit: str
+    fairfal_local_early_stop: float
+    fairfal_freeze_global_ratio: bool
+    fairfal_distance: str
     seed: int
     device: str
     output_dir: str
@@ -184,6 +254,8 @@ def _coerce(option: Option, value: Any) -> Any:
     if kind is int and isinstance(value, float) and value.is_integer():
         return int(value)
     if kind is str and isinstance(value, str):
+        return value
+    if kind is bool and isinstance(value, bool):
         return value
     raise ConfigError(f"{option.key}: expected {kind.__name__}, got {value!r} ({type(value).__name__})")
 
@@ -248,4 +320,12 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(
             f"partition: 'writers' needs dataset=femnist, the only one with writer ids (got {values['dataset']!r})"
         )
+    if values["al_method"] != "none":
+        if round(values["al_query_ratio"], 2) > values["al_end_ratio"]:
+            raise ConfigError(
+                f"al-end-ratio: {values['al_end_ratio']} is below the first labeled ratio "
+                f"al-query-ratio={values['al_query_ratio']}; no cycle would run"
+            )
+        if values["resume_from"]:
+            raise ConfigError("resume-from: active-learning runs (al-method) cannot resume from a checkpoint")
     return RunConfig(**values)

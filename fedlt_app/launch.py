@@ -107,12 +107,20 @@ def run(app_dir: Path, run_config: str, num_clients: int, cpus: int, gpus: float
             return 2
         print(f"fedlt-run: run {run_id} submitted ({num_clients} virtual clients); streaming its log", flush=True)
         streamer = subprocess.Popen([_flwr("flwr"), "log", str(run_id), CONNECTION, "--stream"], env=env)
+        # `flwr log --stream` returns when the run ends; `flwr list` costs about a CPU-second
+        # per call, so the status is only confirmed then (or every 15 s should the stream drop).
         deadline = time.monotonic() + timeout
-        status = _run_status(run_id, env)
-        while not status.startswith("finished") and time.monotonic() < deadline:
-            time.sleep(2)
+        status = "unknown"
+        while time.monotonic() < deadline:
+            try:
+                streamer.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                pass
             status = _run_status(run_id, env)
-        time.sleep(1)  # let the log stream catch up with the last lines
+            if status.startswith("finished"):
+                break
+            if streamer.poll() is not None:
+                time.sleep(2)
     finally:
         if streamer is not None:
             streamer.terminate()
@@ -128,6 +136,15 @@ def run(app_dir: Path, run_config: str, num_clients: int, cpus: int, gpus: float
     return 0
 
 
+def _exit_on_sigterm() -> None:
+    """SIGTERM unwinds like Ctrl-C, so the ``finally`` that stops the SuperLink runs."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedlt-run", description=__doc__.split("\n\n")[0])
     parser.add_argument("app", nargs="?", default=".", type=Path, help="the Flower app directory (default: .)")
@@ -139,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.num_clients < 1:
         parser.error("--num-clients must be >= 1")
+    _exit_on_sigterm()
     return run(args.app, args.run_config, args.num_clients, args.cpus_per_client, args.gpus_per_client, args.timeout)
 
 

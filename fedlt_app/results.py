@@ -43,16 +43,35 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
 class RunRecorder:
     """Writes one run's results; a context manager so W&B is always closed."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, info: dict[str, Any]) -> None:
+    def __init__(self, cfg: RunConfig, run_dir: Path, info: dict[str, Any], resume_after: int | None = None) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.rounds: list[dict[str, Any]] = []
         self.status = "running"
         run_dir.mkdir(parents=True, exist_ok=True)
+        if resume_after is not None:
+            self.rounds = self._rounds_up_to(resume_after)
         self.config = {"run_config": cfg.as_dict(), **info}
         (run_dir / "config.json").write_text(json.dumps(self.config, indent=2))
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._wandb = self._start_wandb() if cfg.wandb_mode != "disabled" else None
+
+    def _rounds_up_to(self, last_round: int) -> list[dict[str, Any]]:
+        """Keep the rounds a checkpoint covers; later ones are recomputed by the resumed run."""
+        path = self.run_dir / "metrics.jsonl"
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # the line a killed run was writing
+                continue
+            if row["round"] <= last_round:
+                kept.append(row)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(row) + "\n" for row in kept))
+        tmp.replace(path)
+        return kept
 
     def _start_wandb(self):  # type: ignore[no-untyped-def]
         import wandb  # only a run that logs to W&B pays for the import

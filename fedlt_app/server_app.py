@@ -4,12 +4,23 @@ from __future__ import annotations
 
 import time
 from logging import INFO
+from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+import torch
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedlt_app.config import ConfigError, resolve
+from fedlt_app.checkpoint import (
+    check_resumable,
+    load_checkpoint,
+    optimizer_state,
+    restore_optimizer_state,
+    save_checkpoint,
+)
+from fedlt_app.active.driver import run_active_learning
+from fedlt_app.config import ConfigError, RunConfig, resolve
 from fedlt_app.data import tail_classes
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
@@ -59,9 +70,34 @@ def discover_clients(grid: Grid, timeout: float = DISCOVERY_TIMEOUT) -> dict[int
     return node_of_partition
 
 
+def checkpoint_state(strategy: FedLTStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord) -> dict:
+    return {
+        "round": server_round,
+        "run_config": cfg.as_dict(),
+        "arrays": {key: array.numpy() for key, array in arrays.items()},
+        "optimizer": optimizer_state(strategy.inner),
+        "method": strategy.server_method.state_dict(),
+        "torch_rng": torch.get_rng_state(),
+    }
+
+
+def restore(strategy: FedLTStrategy, cfg: RunConfig, run_dir: Path) -> int:
+    """Load a checkpoint into the strategy; returns the last finished round."""
+    state = load_checkpoint(run_dir)
+    check_resumable(state["run_config"], cfg.as_dict())
+    strategy.global_model.load_state_dict(ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
+                                          .to_torch_state_dict())
+    restore_optimizer_state(strategy.inner, state["optimizer"])
+    strategy.server_method.load_state_dict(state["method"])
+    torch.set_rng_state(state["torch_rng"])
+    return int(state["round"])
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = resolve(context.run_config)
+    if cfg.al_method != "none":
+        return run_active_learning(grid, context, cfg)
     device = resolve_device(cfg.device)
     method = get_method(cfg.method)
     node_of_partition = discover_clients(grid)
@@ -80,7 +116,16 @@ def main(grid: Grid, context: Context) -> None:
         node_of_partition=node_of_partition,
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
+        max_failure_fraction=cfg.max_failure_fraction,
     )
+    done = 0
+    if cfg.resume_from:
+        run_dir = Path(cfg.resume_from).expanduser()
+        done = restore(strategy, cfg, run_dir)
+        strategy.round_offset = done
+        log(INFO, "[fedlt] resuming %s after round %d", run_dir, done)
+    else:
+        run_dir = run_directory(cfg, context.run_id)
     info = {
         "num_clients": num_clients,
         "class_counts": list(data.class_counts),
@@ -88,22 +133,19 @@ def main(grid: Grid, context: Context) -> None:
         "tail_classes": tail,
         "flower_run_id": context.run_id,
     }
-    run_dir = run_directory(cfg, context.run_id)
     log(INFO, "[fedlt] results -> %s", run_dir)
 
-    with RunRecorder(cfg, run_dir, info) as recorder:
+    with RunRecorder(cfg, run_dir, info, resume_after=done if cfg.resume_from else None) as recorder:
 
-        def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-            model.load_state_dict(arrays.to_torch_state_dict())
-            evaluated = strategy.server_method.evaluation_model(model) if server_round else model
-            result = evaluate(evaluated, test_images, test_labels, cfg.dataset, tail, data.class_counts)
-            metrics = MetricRecord({"accuracy": result.accuracy, "tail-accuracy": result.tail_accuracy,
-                                    "loss": result.loss})
+        def evaluate_global(_: int, arrays: ArrayRecord) -> MetricRecord | None:
             current = strategy.current
-            if server_round == 0 or current is None:
-                return metrics
+            if current is None:  # Flower's round-0 call: the initial (or resumed) model, not a round
+                return None
+            model.load_state_dict(arrays.to_torch_state_dict())
+            result = evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels,
+                              cfg.dataset, tail, data.class_counts)
             record = {
-                "round": server_round,
+                "round": current.server_round,
                 **result.as_dict(),
                 "train_loss": current.train_loss,
                 "round_seconds": time.perf_counter() - current.started,
@@ -116,17 +158,24 @@ def main(grid: Grid, context: Context) -> None:
                 **strategy.server_method.round_metrics(),
             }
             recorder.log_round(record)
-            log(INFO, "[fedlt] round %d/%d  accuracy %.4f  tail %.4f  loss %.4f  (%.1f s)", server_round,
+            log(INFO, "[fedlt] round %d/%d  accuracy %.4f  tail %.4f  loss %.4f  (%.1f s)", current.server_round,
                 cfg.num_server_rounds, result.accuracy, result.tail_accuracy, result.loss, record["round_seconds"])
-            return metrics
+            last = current.server_round == cfg.num_server_rounds
+            if cfg.checkpoint_every and (current.server_round % cfg.checkpoint_every == 0 or last):
+                save_checkpoint(run_dir, checkpoint_state(strategy, cfg, current.server_round, arrays))
+            return MetricRecord({"accuracy": result.accuracy, "tail-accuracy": result.tail_accuracy,
+                                 "loss": result.loss})
 
-        strategy.start(
-            grid=grid,
-            initial_arrays=ArrayRecord(model.state_dict()),
-            num_rounds=cfg.num_server_rounds,
-            train_config=ConfigRecord(),
-            evaluate_fn=evaluate_global,
-        )
+        if cfg.num_server_rounds > done:
+            strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=cfg.num_server_rounds - done,
+                timeout=cfg.round_timeout,
+                train_config=ConfigRecord(),
+                evaluate_fn=evaluate_global,
+            )
     summary = recorder.summary
     log(INFO, "[fedlt] done: final accuracy %.4f, last-10 %.4f, tail last-10 %.4f -> %s",
-        summary["final_accuracy"], summary["last10_accuracy"], summary["last10_tail_accuracy"], run_dir)
+        summary.get("final_accuracy", float("nan")), summary.get("last10_accuracy", float("nan")),
+        summary.get("last10_tail_accuracy", float("nan")), run_dir)

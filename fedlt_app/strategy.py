@@ -127,8 +127,16 @@ def average_buffers(arrays: ArrayRecord, replies: list[Message]) -> None:
         arrays[key] = Array(np.asarray(mean).astype(stacked[0].dtype if stacked[0].dtype.kind == "f" else np.float64))
 
 
+class ClientFailures(RuntimeError):
+    """More of a round's clients failed than ``max-failure-fraction`` allows."""
+
+
 class FedLTStrategy(Strategy):
-    """Wraps a Flower strategy (FedAvg family) with fedlt's per-round extras."""
+    """Wraps a Flower strategy (FedAvg family) with fedlt's per-round extras.
+
+    Rounds are numbered from ``first_round`` (a resumed run continues its
+    count), and the wrapped strategy and the method see the true round.
+    """
 
     def __init__(
         self,
@@ -138,6 +146,8 @@ class FedLTStrategy(Strategy):
         node_of_partition: dict[int, int],
         clients_per_round: int,
         seed: int,
+        max_failure_fraction: float = 0.5,
+        first_round: int = 1,
     ) -> None:
         self.inner = inner
         self.server_method = server_method
@@ -146,6 +156,8 @@ class FedLTStrategy(Strategy):
         self.partition_of_node = {node: part for part, node in node_of_partition.items()}
         self.clients_per_round = clients_per_round
         self.seed = seed
+        self.max_failure_fraction = max_failure_fraction
+        self.round_offset = first_round - 1
         self.current: RoundLog | None = None
 
     def summary(self) -> None:
@@ -157,6 +169,7 @@ class FedLTStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        server_round += self.round_offset
         cohort = sample_cohort(len(self.node_of_partition), self.clients_per_round, self.seed, server_round)
         self.current = RoundLog(server_round, cohort)
         view = _CohortGrid(grid, [self.node_of_partition[p] for p in cohort])
@@ -173,27 +186,22 @@ class FedLTStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
+        server_round += self.round_offset
         current = self.current or RoundLog(server_round, [])
-        succeeded: list[Message] = []
+        # Arrival order varies from run to run; floating-point sums must not.
+        replies = sorted(replies, key=lambda r: self.partition_of_node.get(r.metadata.src_node_id, -1))
+        succeeded = [r for r in replies if not r.has_error()]
+        self._record_failures(server_round, current, replies)
         reports: list[ClientReport] = []
-        for reply in replies:
-            partition_id = self.partition_of_node.get(reply.metadata.src_node_id, -1)
-            if reply.has_error():
-                current.failed.append(partition_id)
-                log(WARNING, "Client with partition-id %d failed in round %d: %s",
-                    partition_id, server_round, reply.error.reason)
-                continue
+        for reply in succeeded:
             current.bytes_up += content_nbytes(reply.content)
             current.parameters_up += content_parameters(reply.content)
             extra = reply.content.pop(METHOD_KEY) if METHOD_KEY in reply.content else None
+            partition_id = self.partition_of_node[reply.metadata.src_node_id]
             num_examples = int(reply.content["metrics"]["num-examples"])
             reports.append(ClientReport(partition_id, num_examples, record_to_payload(extra)))
-            succeeded.append(reply)
-        if replies and not succeeded:
-            raise RuntimeError(f"round {server_round}: every sampled client failed (partition ids {current.failed})")
         losses = [float(r.content["metrics"]["train-loss"]) for r in succeeded]
-        current.train_loss = float(np.average(losses, weights=[r.num_examples for r in reports])) if losses else None
+        current.train_loss = float(np.average(losses, weights=[r.num_examples for r in reports]))
         weights = self.server_method.aggregation_weights(server_round, reports)
         if weights is not None:
             for reply, weight in zip(succeeded, weights, strict=True):
@@ -203,6 +211,31 @@ class FedLTStrategy(Strategy):
         if arrays is not None:
             average_buffers(arrays, succeeded)
         return arrays, metrics
+
+    def _record_failures(self, server_round: int, current: RoundLog, replies: list[Message]) -> None:
+        """Log every client that raised or did not answer; stop past the threshold.
+
+        Flower itself only logs failures and carries on, even when every
+        client failed and the model silently stops changing.
+        """
+        answered = {self.partition_of_node.get(r.metadata.src_node_id, -1): r for r in replies}
+        for partition_id in current.cohort:
+            reply = answered.get(partition_id)
+            if reply is None:
+                log(WARNING, "Client with partition-id %d did not answer in round %d (round-timeout)",
+                    partition_id, server_round)
+            elif reply.has_error():
+                log(WARNING, "Client with partition-id %d failed in round %d: %s",
+                    partition_id, server_round, reply.error.reason)
+            else:
+                continue
+            current.failed.append(partition_id)
+        cohort = max(len(current.cohort), 1)
+        if len(current.failed) == cohort or len(current.failed) / cohort > self.max_failure_fraction:
+            raise ClientFailures(
+                f"round {server_round}: {len(current.failed)} of {len(current.cohort)} clients failed "
+                f"(partition ids {current.failed}), more than max-failure-fraction={self.max_failure_fraction}"
+            )
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid

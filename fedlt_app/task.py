@@ -51,8 +51,16 @@ def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
 
 
 def client_dataset(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[FederatedData, Tensor, Tensor]:
-    """The run's data and this node's own (uint8 images, labels)."""
+    """The run's data and this node's own (uint8 images, labels).
+
+    A node whose config names ``local-data`` trains on its own files (see
+    :mod:`fedlt_app.data.local`) instead of partition ``partition-id``.
+    """
+    from fedlt_app.data.local import LOCAL_DATA_KEY, local_client_dataset
+
     partition_id, num_partitions = node_partition(node_config)
+    if LOCAL_DATA_KEY in node_config:
+        return local_client_dataset(cfg.dataset, str(node_config[LOCAL_DATA_KEY]))
     data = federated_data(cfg, num_partitions)
     images, labels = data.client_data(partition_id)
     return data, images, labels

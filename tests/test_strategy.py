@@ -113,13 +113,15 @@ def make_strategy(
     server_momentum: float = 0.9,
     model: EncoderClassifier | None = None,
     server_method: ServerMethod | None = None,
+    max_failure_fraction: float = 0.99,
 ) -> FedLTStrategy:
     cfg = resolve({"method": method, "seed": seed})
     model = toy_model() if model is None else model
     if server_method is None:
         server_method = (RedGrapeServer if method == "redgrape" else ServerMethod)(cfg, model, toy_data())
     inner = server_optimizer(server_opt, server_lr, server_momentum, cfg.local_lr)
-    return FedLTStrategy(inner, server_method, model, NODE_OF_PARTITION, clients_per_round, seed)
+    return FedLTStrategy(inner, server_method, model, NODE_OF_PARTITION, clients_per_round, seed,
+                         max_failure_fraction=max_failure_fraction)
 
 
 def model_arrays(rng: np.random.Generator) -> dict[str, np.ndarray]:

@@ -13,7 +13,7 @@ import warnings
 
 import numpy as np
 
-PARTITIONS = ("dirichlet", "dirichlet-per-class", "iid")  # label-based, for :func:`partition_indices`
+PARTITIONS = ("dirichlet", "dirichlet-per-class", "iid", "dir-balance")  # label-based, for :func:`partition_indices`
 WRITER_PARTITION = "writers"  # natural clients, for :func:`partition_writers`
 
 
@@ -29,6 +29,10 @@ def partition_indices(labels: np.ndarray, scheme: str, num_clients: int, alpha: 
         parts = _iid(labels.size, num_clients, np.random.default_rng(seed))
     elif scheme == "dirichlet":
         parts = _quota_dirichlet(labels, num_clients, float(alpha), np.random.default_rng(seed))
+    elif scheme == "dir-balance":  # FairFAL's class-mix split with equal client sizes
+        from fedlt_app.active.partition import dir_balance
+
+        parts = dir_balance(labels, num_clients, float(alpha), seed)
     else:
         parts = _per_class_dirichlet(labels, num_clients, float(alpha), seed)
     return [np.sort(part.astype(np.int64)) for part in parts]

@@ -8,6 +8,7 @@ method means writing these hooks, never another training loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +90,13 @@ class ServerMethod:
     def round_metrics(self) -> dict[str, float | int]:
         """Method state worth a column in metrics.jsonl."""
         return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint must hold to resume this method's server side."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Inverse of ``state_dict``."""
 
 
 def extend_nothing(model: EncoderClassifier) -> EncoderClassifier:

@@ -76,5 +76,11 @@ class ClimbServer(ServerMethod):
         losses = np.array([float(r.payload["climb-loss"][0]) for r in reports])
         self.duals[ids] = dual_step(self.duals[ids], losses, counts, self.cfg.climb_dual_lr, self.cfg.climb_epsilon)
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"duals": self.duals}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.duals = state["duals"]
+
     def round_metrics(self) -> dict[str, float | int]:
         return {"climb_dual_mean": float(self.duals.mean()), "climb_dual_max": float(self.duals.max())}

@@ -20,6 +20,7 @@ and bias both replaced.
 from __future__ import annotations
 
 import copy
+from typing import Any
 
 import numpy as np
 import torch
@@ -157,3 +158,22 @@ class CReFFServer(ServerMethod):
 
     def round_metrics(self) -> dict[str, float | int]:
         return {"creff_match_loss": self.last_match_loss}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "features": self.features.detach().clone(),
+            "feature_optimizer": self.feature_optimizer.state_dict(),
+            "classifier": self.classifier.state_dict(),
+            "trained": self.trained,
+            "generator": self.generator.get_state(),
+            "last_match_loss": self.last_match_loss,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        with torch.no_grad():
+            self.features.copy_(state["features"])
+        self.feature_optimizer.load_state_dict(state["feature_optimizer"])
+        self.classifier.load_state_dict(state["classifier"])
+        self.trained = state["trained"]
+        self.generator.set_state(state["generator"])
+        self.last_match_loss = state["last_match_loss"]

@@ -85,6 +85,12 @@ class RatioLossServer(ServerMethod):
         model.train(was_training)
         return np.stack(steps)
 
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"weights": self.weights}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.weights = state["weights"]
+
     def round_metrics(self) -> dict[str, float | int]:
         return {"ratio_weight_max": float(self.weights.max()), "ratio_weight_min": float(self.weights.min())}
 

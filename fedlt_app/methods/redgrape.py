@@ -213,3 +213,9 @@ class RedGrapeServer(ServerMethod):
 
     def round_metrics(self) -> dict[str, float | int]:
         return {"classes_with_prototype": int(self.known.sum())}
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"weight": self.weight, "bias": self.bias, "known": self.known}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.weight, self.bias, self.known = state["weight"], state["bias"], state["known"]

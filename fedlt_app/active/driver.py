@@ -1,0 +1,262 @@
+"""The ServerApp's active-learning loop (``al-method`` fairfal, random or entropy).
+
+Per cycle (FairFAL's main.py l.179-207), with cycle 0 labeled at random::
+
+    cycle 0:   query.al_init      each client labels `initial` random samples
+    cycle c≥1: query.fairfal_stats (fairfal only) → r_k, d_k; r̄ = mean r_k (frozen after the first query)
+               query.al_select    each client labels `budget` more
+    every cycle: a fresh model (al-reset-per-cycle), fl-rounds-per-cycle rounds of fedlt's
+               federated training (any `method`, Flower's strategy via FedLTStrategy) on
+               the labeled sets only, then the test accuracy of the final global model.
+
+The query uses the global model at the end of the previous cycle. One line of
+metrics.jsonl per cycle: ``round`` is the cycle number (1-based).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Mapping
+from logging import INFO
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedlt_app.active import protocol
+from fedlt_app.active.budget import BudgetPlan, budget_plan, capacity_problems
+from fedlt_app.active.query import choose_models
+from fedlt_app.config import ConfigError, RunConfig
+from fedlt_app.data import FederatedData, tail_classes
+from fedlt_app.methods import get_method
+from fedlt_app.metrics import evaluate
+from fedlt_app.records import content_nbytes
+from fedlt_app.results import RunRecorder, run_directory
+from fedlt_app.strategy import FedLTStrategy, server_optimizer
+from fedlt_app.task import federated_data, resolve_device
+
+QUERY_TIMEOUT = 3600.0  # seconds per query pass, as Strategy.start's per-round timeout
+
+
+class CycleStrategy(FedLTStrategy):
+    """FedLTStrategy for one cycle: labeled-only training, run-wide round numbers, traffic totals.
+
+    Rounds restart at 1 each cycle (so method hooks see a fresh start), but
+    the clients get ``server-round`` = rounds of earlier cycles + round, so
+    their shuffling and augmentation seeds never repeat across cycles.
+    """
+
+    def __init__(self, *args: Any, rounds_before: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.rounds_before = rounds_before
+        self.bytes_up = self.bytes_down = 0
+        self.failed: list[int] = []
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+                        ) -> Iterable[Message]:
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        for message in messages:
+            message.content["config"]["server-round"] = self.rounds_before + server_round
+        return messages
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        result = super().aggregate_train(server_round, replies)
+        if self.current is not None:
+            self.bytes_up += self.current.bytes_up
+            self.bytes_down += self.current.bytes_down
+            self.failed += [p for p in self.current.failed if p not in self.failed]
+        return result
+
+
+class Federation:
+    """The clients by partition id, and round trips of custom query messages to all of them."""
+
+    def __init__(self, grid: Grid, node_of_partition: Mapping[int, int]) -> None:
+        self.grid = grid
+        self.node_of_partition = dict(sorted(node_of_partition.items()))
+        self.partition_of_node = {node: part for part, node in self.node_of_partition.items()}
+        self.bytes_down = 0
+
+    def ask(self, action: str, content: RecordDict) -> dict[int, MetricRecord]:
+        """Send ``query.<action>`` with ``content`` to every client; their metrics by partition id."""
+        messages = [
+            Message(content, dst_node_id=node, message_type=f"{MessageType.QUERY}.{action}")
+            for node in self.node_of_partition.values()
+        ]
+        self.bytes_down += content_nbytes(content) * len(messages)
+        replies = list(self.grid.send_and_receive(messages, timeout=QUERY_TIMEOUT))
+        answers: dict[int, MetricRecord] = {}
+        for reply in replies:
+            partition_id = self.partition_of_node[reply.metadata.src_node_id]
+            if reply.has_error():
+                raise RuntimeError(f"query.{action}: client {partition_id} failed: {reply.error.reason}")
+            if reply.content.array_records:
+                raise RuntimeError(f"query.{action}: client {partition_id} sent arrays; only scalars may leave")
+            answers[partition_id] = reply.content["metrics"]
+        missing = sorted(set(self.node_of_partition) - set(answers))
+        if missing:
+            raise RuntimeError(f"query.{action}: no reply from client(s) {missing} within {QUERY_TIMEOUT:.0f} s")
+        return dict(sorted(answers.items()))
+
+
+def _check_labeled(answers: dict[int, MetricRecord], expected: int, action: str) -> list[int]:
+    sizes = [int(m["num-labeled"]) for m in answers.values()]
+    wrong = [p for p, n in zip(answers, sizes, strict=True) if n != expected]
+    if wrong:
+        raise RuntimeError(f"query.{action}: client(s) {wrong} hold {sizes} labeled samples, expected {expected}")
+    return sizes
+
+
+def _class_counts(answers: dict[int, MetricRecord]) -> list[int] | None:
+    reported = [m["queried-per-class"] for m in answers.values() if "queried-per-class" in m]
+    if not reported:
+        return None
+    return [int(n) for n in np.sum(np.asarray(reported, dtype=np.int64), axis=0)]
+
+
+def _plan(cfg: RunConfig, data: FederatedData, num_clients: int) -> BudgetPlan:
+    try:
+        plan = budget_plan(len(data.train_indices), num_clients, cfg.al_query_ratio, cfg.al_end_ratio)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    problems = capacity_problems([len(part) for part in data.client_indices], plan)
+    if problems:
+        raise ConfigError(f"al-end-ratio: {problems[0]} ({len(problems)} client(s) too small); "
+                          "use a smaller al-end-ratio or a partition with larger clients")
+    return plan
+
+
+def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
+    """The ServerApp's main for ``al-method`` other than "none"."""
+    from fedlt_app.server_app import discover_clients  # server_app imports this module
+
+    device = resolve_device(cfg.device)
+    method = get_method(cfg.method)
+    federation = Federation(grid, discover_clients(grid))
+    num_clients = len(federation.node_of_partition)
+    if cfg.clients_per_round > num_clients:
+        raise ConfigError(f"clients-per-round: {cfg.clients_per_round} is more than the {num_clients} clients")
+    data = federated_data(cfg, num_clients)
+    plan = _plan(cfg, data, num_clients)
+    tail = tail_classes(data.class_counts)
+    test_images, test_labels = data.test_data()
+    info = {
+        "num_clients": num_clients,
+        "class_counts": list(data.class_counts),
+        "client_sizes": [len(idx) for idx in data.client_indices],
+        "tail_classes": tail,
+        "flower_run_id": context.run_id,
+        "active_learning": plan.as_dict(),
+    }
+    run_dir = run_directory(cfg, context.run_id)
+    log(INFO, "[fedlt-al] %s: %d cycles, %d labels per client per cycle (N_train %d, %d clients) -> %s",
+        cfg.al_method, plan.num_cycles, plan.per_client, plan.n_train, num_clients, run_dir)
+
+    with RunRecorder(cfg, run_dir, info) as recorder:
+        started = time.perf_counter()
+        answers = federation.ask(protocol.INIT, RecordDict({"config": ConfigRecord({"initial": plan.initial})}))
+        sizes = _check_labeled(answers, plan.initial, protocol.INIT)
+        queried = {"num_queried": sum(sizes), "queried_per_class": _class_counts(answers)}
+        labeled_per_class = queried["queried_per_class"]
+        previous: ArrayRecord | None = None
+        r_bar: float | None = None
+        rounds_done = 0
+        for cycle, target_ratio in enumerate(plan.ratios):
+            query: dict[str, Any] = {}
+            if cycle > 0:
+                assert previous is not None
+                query_started = time.perf_counter()
+                query, r_bar, answers = _query(federation, cfg, plan, cycle, previous, r_bar)
+                sizes = _check_labeled(answers, plan.labeled_after(cycle), protocol.SELECT)
+                queried = {"num_queried": sum(int(m["num-queried"]) for m in answers.values()),
+                           "queried_per_class": _class_counts(answers)}
+                if labeled_per_class is not None and queried["queried_per_class"] is not None:
+                    labeled_per_class = [a + b for a, b in zip(labeled_per_class, queried["queried_per_class"],
+                                                               strict=True)]
+                query["query_seconds"] = time.perf_counter() - query_started
+            digests = [int(m["selection-digest"]) for m in answers.values()]
+
+            model = protocol.cycle_initial_model(cfg, data, cycle if cfg.al_reset_per_cycle else 0).to(device)
+            if previous is not None and not cfg.al_reset_per_cycle:
+                model.load_state_dict(previous.to_torch_state_dict())
+            strategy = CycleStrategy(
+                inner=server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.local_lr),
+                server_method=method.server(cfg, model, data),
+                global_model=model,
+                node_of_partition=federation.node_of_partition,
+                clients_per_round=cfg.clients_per_round,
+                seed=cfg.seed if cycle == 0 else protocol.stream_seed(cfg.seed, "cohorts", cycle),
+                max_failure_fraction=cfg.max_failure_fraction,
+                rounds_before=rounds_done,
+            )
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=cfg.fl_rounds_per_cycle,
+                timeout=cfg.round_timeout,
+                train_config=ConfigRecord({protocol.TRAIN_ON_LABELED: True}),
+            )
+            rounds_done += cfg.fl_rounds_per_cycle
+            previous = result.arrays
+            model.load_state_dict(previous.to_torch_state_dict())
+            evaluation = evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels,
+                                  cfg.dataset, tail, data.class_counts)
+            record = {
+                "round": cycle + 1,
+                "cycle": cycle + 1,
+                "target_ratio": round(target_ratio, 6),
+                "labeled_ratio": sum(sizes) / plan.n_train,
+                "num_labeled": sum(sizes),
+                **queried,
+                "labeled_per_class": labeled_per_class,
+                **evaluation.as_dict(),
+                "train_loss": strategy.current.train_loss if strategy.current else None,
+                "fl_rounds": rounds_done,
+                "round_seconds": time.perf_counter() - started,
+                "bytes_up": strategy.bytes_up,
+                "bytes_down": strategy.bytes_down,
+                "clients": list(federation.node_of_partition),
+                "failed_clients": strategy.failed,
+                "selection_digests": digests,
+                **query,
+            }
+            recorder.log_round(record)
+            log(INFO, "[fedlt-al] cycle %d/%d  labeled %.3f  accuracy %.4f  tail %.4f  (%.1f s)", cycle + 1,
+                plan.num_cycles, record["labeled_ratio"], evaluation.accuracy, evaluation.tail_accuracy,
+                record["round_seconds"])
+            started = time.perf_counter()
+    summary = recorder.summary
+    log(INFO, "[fedlt-al] done: final accuracy %.4f, mean over cycles %.4f -> %s",
+        summary["final_accuracy"], summary["last10_accuracy"], run_dir)
+
+
+def _query(
+    federation: Federation, cfg: RunConfig, plan: BudgetPlan, cycle: int, arrays: ArrayRecord, r_bar: float | None
+) -> tuple[dict[str, Any], float | None, dict[int, MetricRecord]]:
+    """One query step; returns its record fields, r̄, and the select replies."""
+    bytes_before = federation.bytes_down
+    record: dict[str, Any] = {}
+    if cfg.al_method == "fairfal":
+        stats = federation.ask(protocol.STATS, RecordDict({"arrays": arrays, "config": ConfigRecord({"cycle": cycle})}))
+        r = [float(m["r"]) for m in stats.values()]
+        d = [float(m["d"]) for m in stats.values()]
+        if r_bar is None or not cfg.fairfal_freeze_global_ratio:
+            r_bar = float(np.mean(r))
+        choices = [choose_models(dk, r_bar, cfg.fairfal_t, cfg.fairfal_global_threshold,
+                                 cfg.fairfal_gradnet_threshold) for dk in d]
+        record = {
+            "fairfal_r": r,
+            "fairfal_d": d,
+            "fairfal_r_bar": r_bar,
+            "fairfal_global_uncertainty_clients": [p for p, c in zip(stats, choices, strict=True)
+                                                   if c.uncertainty_global],
+            "fairfal_global_gradient_model": bool(choices[0].gradient_global),
+        }
+    config = ConfigRecord({"cycle": cycle, "budget": plan.per_client, "r-bar": float(r_bar or 0.0)})
+    content = RecordDict({"config": config} if cfg.al_method == "random" else {"arrays": arrays, "config": config})
+    answers = federation.ask(protocol.SELECT, content)
+    record["query_bytes_down"] = federation.bytes_down - bytes_before
+    return record, r_bar, answers

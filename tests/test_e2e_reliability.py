@@ -1,0 +1,104 @@
+"""Reproducibility, kill-and-resume and failing clients, through the real engine."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from fedlt_app import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+SMALL = "method='redgrape' samples-per-class=100 imbalance-ratio=10.0 local-lr=0.05"
+TIMING = {"round_seconds"}  # wall-clock, the only field allowed to differ
+
+pytestmark = pytest.mark.e2e
+
+
+def rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def without_timing(table: list[dict]) -> list[dict]:
+    return [{k: v for k, v in row.items() if k not in TIMING} for row in table]
+
+
+def run_app(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int = 3) -> int:
+    monkeypatch.setenv("FLWR_HOME", str(tmp / "flwr-home"))
+    return launch.run(ROOT, run_config, num_clients=num_clients, cpus=1, gpus=0.0, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An uninterrupted 4-round run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        assert run_app(tmp, monkeypatch, f"{SMALL} num-server-rounds=4 output-dir='{tmp}' run-name='a'") == 0
+    return tmp / "a"
+
+
+def test_same_seed_gives_identical_metrics(reference: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert run_app(tmp_path, monkeypatch, f"{SMALL} num-server-rounds=4 output-dir='{tmp_path}' run-name='b'") == 0
+    first, second = rows(reference), rows(tmp_path / "b")
+    assert len(first) == 4
+    assert without_timing(first) == without_timing(second)
+
+
+def test_killed_run_resumes_to_the_same_result(reference: Path, tmp_path: Path) -> None:
+    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
+    command = [sys.executable, "-m", "fedlt_app.launch", str(ROOT), "--num-clients", "3", "--run-config",
+               f"{SMALL} num-server-rounds=4 checkpoint-every=1 output-dir='{tmp_path}' run-name='c'"]
+    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    run_dir = tmp_path / "c"
+    deadline = time.monotonic() + 300
+    try:
+        while time.monotonic() < deadline:
+            checkpoint = run_dir / "checkpoint.pt"
+            if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["round"] >= 2:
+                break
+            assert launcher.poll() is None, "the run ended before it could be killed"
+            time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)  # the launcher takes the SuperLink and the ServerApp down with it
+        assert launcher.wait(timeout=60) != 0
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
+    killed_at = torch.load(run_dir / "checkpoint.pt", weights_only=False)["round"]
+    assert 2 <= killed_at < 4
+    assert not (run_dir / "summary.json").exists() or json.loads((run_dir / "summary.json").read_text())[
+        "status"] != "completed"
+
+    code = launch.run(ROOT, f"{SMALL} num-server-rounds=4 checkpoint-every=1 resume-from='{run_dir}'",
+                      num_clients=3, cpus=1, gpus=0.0, timeout=600)
+    assert code == 0
+    assert without_timing(rows(run_dir)) == without_timing(rows(reference))
+    assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
+
+
+def test_failing_and_silent_clients_are_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = run_app(
+        tmp_path,
+        monkeypatch,
+        f"{SMALL} num-server-rounds=1 debug-fail-partitions='1' debug-hang-partitions='3' round-timeout=20.0 "
+        f"max-failure-fraction=0.5 output-dir='{tmp_path}' run-name='f'",
+        num_clients=4,
+    )
+    assert code == 0
+    (row,) = rows(tmp_path / "f")
+    assert row["failed_clients"] == [1, 3]
+    assert row["classes_with_prototype"] == 10  # from the two clients that answered
+
+
+def test_too_many_failures_fail_the_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    code = run_app(tmp_path, monkeypatch,
+                   f"{SMALL} num-server-rounds=2 debug-fail-partitions='0,1' output-dir='{tmp_path}' run-name='g'")
+    assert code == 1
+    assert rows(tmp_path / "g") == []
+    assert json.loads((tmp_path / "g" / "summary.json").read_text())["status"] == "failed"

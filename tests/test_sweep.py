@@ -1,0 +1,464 @@
+"""fedlt-sweep and its report: grid expansion, validation, resume, the tables' numbers, the notebook.
+
+No test here runs the real app: a fake runner (tests/fixtures/fake_runs.py) writes each cell's
+outputs through the app's own RunRecorder, i.e. in the real output format.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fixtures.fake_runs import fake_runner, write_run
+
+from fedlt_app import report, sweep
+from fedlt_app.config import defaults, resolve
+from fedlt_app.sweep import SweepError
+
+ROOT = Path(__file__).resolve().parent.parent
+SWEEP_FILES = sorted((ROOT / "conf" / "sweeps").glob("*.yaml"))
+
+
+def small_spec(**changes: Any) -> sweep.SweepSpec:
+    data: dict[str, Any] = {
+        "name": "small",
+        "base": {"num-server-rounds": 12, "samples-per-class": 50},
+        "num-clients": 3,
+        "rows": "method",
+        "grid": {"method": ["fedavg", "fedprox", "redgrape"], "imbalance-ratio": [10.0, 100.0]},
+        "row-overrides": {"fedprox": {"prox-mu": 0.01}},
+        "seeds": [0, 1, 2],
+    }
+    data.update(changes)
+    return sweep.parse_spec(data)
+
+
+def quiet(lines: list[str] | None = None):  # type: ignore[no-untyped-def]
+    return (lambda line: lines.append(line)) if lines is not None else (lambda line: None)
+
+
+# ------------------------------------------------------------ expansion
+
+
+def test_grid_expands_rows_columns_and_seeds_in_order() -> None:
+    spec = small_spec()
+    cells = sweep.expand(spec)
+    assert len(cells) == 3 * 2 * 3
+    assert spec.rows == ("method",) and spec.columns == ("imbalance-ratio",)
+    assert cells[0].name == "method-fedavg__imbalance-ratio-10__seed-0"
+    assert [c.seed for c in cells[:3]] == [0, 1, 2]  # seeds innermost
+    assert cells[3].name == "method-fedavg__imbalance-ratio-100__seed-0"
+    assert len({c.name for c in cells}) == len(cells)
+    fedprox = [c for c in cells if c.coords["method"] == "fedprox"]
+    assert all(c.run_config["prox-mu"] == 0.01 for c in fedprox)
+    assert all(c.run_config["prox-mu"] == 0.0 for c in cells if c.coords["method"] != "fedprox")
+    cell = cells[4]
+    assert cell.row == ("fedavg",) and cell.column == ("100",) and cell.seed == 1
+    assert cell.num_clients == 3 and cell.cpus == 1 and cell.gpus == 0.0
+    # only what differs from the schema defaults is passed to the app, typed by the schema
+    assert cell.overrides == {"method": "fedavg", "samples-per-class": 50, "num-server-rounds": 12, "seed": 1}
+    assert cells[0].overrides["imbalance-ratio"] == 10.0 and isinstance(cells[0].overrides["imbalance-ratio"], float)
+
+
+def test_the_sweep_expands_presets_itself() -> None:
+    """The app lets a preset override any key left at its schema default (local-epochs=1 is the default);
+    the sweep passes the preset's values explicitly instead, so what runs is what the file says."""
+    spec = small_spec(base={"preset": "fmnist-lt", "local-epochs": 1, "num-server-rounds": 3})
+    cell = sweep.expand(spec)[0]
+    assert resolve({"preset": "fmnist-lt", "local-epochs": 1}).local_epochs == 5  # the trap
+    assert cell.run_config["local-epochs"] == 1 and cell.run_config["preset"] == "fmnist-lt"
+    assert "preset" not in cell.overrides and "local-epochs" not in cell.overrides
+    seen = resolve({**defaults(), **cell.overrides})  # what the app sees: pyproject defaults + overrides
+    assert seen.local_epochs == 1 and seen.num_server_rounds == 3 and seen.dataset == "fmnist"
+
+
+def test_bundles_overrides_exclude_and_launcher_keys() -> None:
+    spec = sweep.parse_spec({
+        "name": "b",
+        "rows": ["method", "server-opt"],
+        "gpus-per-client": 0.0,
+        "grid": {
+            "method": ["fedavg", "fedprox"],
+            "server-opt": ["fedavg", "fedadam"],
+            "setting": {"full": {"num-clients": 10}, "partial": {"num-clients": 50, "clients-per-round": 10}},
+        },
+        "exclude": [{"method": "fedprox", "server-opt": "fedadam"}],
+        "overrides": [{"when": {"method": "fedprox"}, "set": {"prox-mu": 0.01}},
+                      {"when": {"server-opt": "fedadam"}, "set": {"server-lr": 0.01}}],
+    })
+    cells = sweep.expand(spec)
+    assert len(cells) == (2 * 2 - 1) * 2
+    assert spec.columns == ("setting",)
+    partial = next(c for c in cells if c.coords == {"method": "fedavg", "server-opt": "fedadam", "setting": "partial"})
+    assert partial.name == "method-fedavg__server-opt-fedadam__partial__seed-0"
+    assert partial.num_clients == 50 and partial.run_config["clients-per-round"] == 10
+    assert partial.run_config["server-lr"] == 0.01 and "num-clients" not in partial.run_config
+
+
+@pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.stem for p in SWEEP_FILES])
+def test_every_sweep_file_validates(path: Path) -> None:
+    spec = sweep.load_spec(path)
+    cells = sweep.expand(spec)
+    assert spec.name == path.stem
+    assert len({c.name for c in cells}) == len(cells)
+    assert all(set(c.run_config) == set(defaults()) for c in cells)  # every key resolved
+
+
+def test_cpu_protocol_is_the_briefed_grid() -> None:
+    spec = sweep.load_spec(ROOT / "conf" / "sweeps" / "cpu-fmnist-ir100.yaml")
+    cells = sweep.expand(spec)
+    assert len(cells) == 21
+    assert {c.coords["method"] for c in cells} == {
+        "fedavg", "fedprox", "focal", "ratio-loss", "climb", "creff", "redgrape"}
+    for c in cells:
+        cfg = c.run_config
+        assert (cfg["dataset"], cfg["imbalance-ratio"], cfg["dirichlet-alpha"]) == ("fmnist", 100.0, 1.0)
+        assert c.num_clients == 10 and cfg["clients-per-round"] == 0 and c.gpus == 0.0
+        assert cfg["prox-mu"] == (0.01 if cfg["method"] == "fedprox" else 0.0)
+
+
+def test_run_config_text_parses_back_in_flower() -> None:
+    from flwr.common.config import parse_config_args
+
+    spec = small_spec(base={"preset": "cifar10-lt", "minority-classes": "1,2", "num-server-rounds": 2})
+    for cell in sweep.expand(spec)[:4]:
+        overrides = {**cell.overrides, "output-dir": "/tmp/a b/out", "run-name": "x"}
+        parsed = parse_config_args([sweep.run_config_arg(overrides)])
+        assert parsed == overrides
+        assert all(type(parsed[k]) is type(v) for k, v in overrides.items())
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"grid": {"methd": ["fedavg"]}}, "unknown key 'methd'"),
+        ({"grid": {"method": ["fedavg", "fedavgg"]}, "row-overrides": {}}, "method: must be one of"),
+        ({"base": {"dirichlet-alpha": -1.0}}, "dirichlet-alpha: must be > 0"),
+        ({"base": {"num-server-rounds": "ten"}}, "num-server-rounds: expected int"),
+        ({"seedz": [0]}, "unknown sweep key(s) seedz"),
+        ({"rows": "imbalance-ratio2"}, "rows:"),
+        ({"row-overrides": {"fedprocs": {"prox-mu": 0.01}}}, "'fedprocs' is not a value"),
+        ({"row-overrides": {}}, "prox-mu: method 'fedprox' needs prox-mu > 0"),
+        ({"base": {"seed": 3}}, "top-level 'seeds'"),
+        ({"base": {"preset": "fmnist-ltt"}}, "no preset 'fmnist-ltt'"),
+        ({"base": {"clients-per-round": 5}}, "clients-per-round 5 is more than num-clients 3"),
+        ({"ablation": "lambda"}, "ablation:"),
+        ({"grid": {"dataset": {"a": {"preset": "fmnist-lt"}}}}, "bundle axis"),
+        ({"exclude": [{"method": "x"}]}, "'x' is not a value"),
+    ],
+)
+def test_a_typo_fails_before_anything_runs(tmp_path: Path, changes: dict[str, Any], message: str) -> None:
+    calls: list[str] = []
+    with pytest.raises(SweepError) as err:
+        sweep.run_sweep(small_spec(**changes), tmp_path, runner=fake_runner(calls), log=quiet())
+    assert message in str(err.value)
+    assert calls == [] and not any(tmp_path.iterdir())
+
+
+def test_load_spec_reads_yaml(tmp_path: Path) -> None:
+    path = tmp_path / "my-sweep.yaml"
+    path.write_text("grid:\n  method: [fedavg, focal]\nseeds: [0]\n")
+    spec = sweep.load_spec(path)
+    assert spec.name == "my-sweep" and spec.rows == ("method",) and len(sweep.expand(spec)) == 2
+    path.write_text("grid: [\n")
+    with pytest.raises(SweepError, match="not valid YAML"):
+        sweep.load_spec(path)
+
+
+def test_only_and_set(tmp_path: Path) -> None:
+    spec = sweep.with_settings(small_spec(), ["data-dir=/data", "num-server-rounds=2"])
+    cells = sweep.expand(spec)
+    assert all(c.run_config["data-dir"] == "/data" and c.run_config["num-server-rounds"] == 2 for c in cells)
+    only = sweep.parse_only(["method=fedavg,redgrape", "imbalance-ratio=100", "seed=1"], spec)
+    calls: list[str] = []
+    outcome = sweep.run_sweep(spec, tmp_path, runner=fake_runner(calls), only=only, log=quiet(), write_report=False)
+    assert calls == ["method-fedavg__imbalance-ratio-100__seed-1", "method-redgrape__imbalance-ratio-100__seed-1"]
+    assert len(outcome.not_selected) == 16
+    with pytest.raises(SweepError, match="values of method"):
+        sweep.parse_only(["method=fedav"], spec)
+    with pytest.raises(SweepError, match="unknown key"):
+        sweep.with_settings(spec, ["dat-dir=/data"])
+
+
+# --------------------------------------------------------------- running
+
+
+def test_runner_gets_the_cell_and_its_outputs_land_in_runs(tmp_path: Path) -> None:
+    seen = []
+
+    def runner(run: sweep.CellRun) -> int:
+        seen.append(run)
+        return fake_runner()(run)
+
+    sweep.run_sweep(small_spec(seeds=[0]), tmp_path, runner=runner, log=quiet(), write_report=False)
+    run = seen[0]
+    assert run.run_dir == tmp_path.resolve() / "small" / "runs" / run.cell.name
+    assert run.run_config["output-dir"] == str(run.run_dir.parent) and run.run_config["run-name"] == run.cell.name
+    assert f"run-name='{run.cell.name}'" in run.run_config_arg
+    assert (run.num_clients, run.cpus, run.gpus, run.app_dir) == (3, 1, 0.0, sweep.APP_DIR)
+    manifest = json.loads((tmp_path / "small" / "sweep.json").read_text())
+    assert [c["name"] for c in manifest["cells"]] == [c.name for c in sweep.expand(small_spec(seeds=[0]))]
+    assert manifest["rows"] == ["method"] and manifest["columns"] == ["imbalance-ratio"]
+
+
+def test_a_killed_sweep_resumes_and_reruns_the_partial_cell(tmp_path: Path) -> None:
+    spec = small_spec()
+    names = [c.name for c in sweep.expand(spec)]
+    with pytest.raises(KeyboardInterrupt):  # killed while its third cell runs
+        sweep.run_sweep(spec, tmp_path, runner=fake_runner(kill=lambda n: n == names[2]), log=quiet())
+    runs = tmp_path / "small" / "runs"
+    assert report.run_status(runs / names[0]) == "completed" and report.run_status(runs / names[1]) == "completed"
+    assert (runs / names[2] / "metrics.jsonl").exists() and report.run_status(runs / names[2]) is None
+
+    calls: list[str] = []
+    lines: list[str] = []
+    outcome = sweep.run_sweep(spec, tmp_path, runner=fake_runner(calls), log=quiet(lines), write_report=False)
+    assert calls == [f"{names[2]}-retry1", *names[3:]]  # finished cells skipped, the partial one re-run
+    assert outcome.skipped == names[:2] and outcome.ok
+    assert any(f"re-running as {names[2]}-retry1" in line for line in lines)
+    assert report.completed_attempt(runs, names[2]) == runs / f"{names[2]}-retry1"
+
+    calls.clear()
+    outcome = sweep.run_sweep(spec, tmp_path, runner=fake_runner(calls), log=quiet(), write_report=False)
+    assert calls == [] and len(outcome.skipped) == len(names)
+    res = report.load(tmp_path / "small")
+    assert set(res.runs) == set(names) and res.runs[names[2]].dir.name == f"{names[2]}-retry1"
+
+
+def test_a_failed_cell_is_reported_and_retried(tmp_path: Path) -> None:
+    spec = small_spec(seeds=[0])
+    names = [c.name for c in sweep.expand(spec)]
+
+    def fails(name: str) -> bool:
+        return name == names[1]
+
+    def failing_runner(run: sweep.CellRun) -> int:
+        if fails(run.cell.name):  # the app ran and failed: it left a summary with status failed
+            config = {**run.cell.run_config, "output-dir": str(run.run_dir.parent), "run-name": run.run_name}
+            run_dir = write_run(run.run_dir, config, finish=False)
+            (run_dir / "summary.json").write_text(json.dumps({"status": "failed"}))
+            return 1
+        return fake_runner()(run)
+
+    outcome = sweep.run_sweep(spec, tmp_path, runner=failing_runner, log=quiet(), write_report=False)
+    assert outcome.failed == [names[1]] and not outcome.ok and len(outcome.ran) == len(names) - 1
+    assert report.load(tmp_path / "small").status[names[1]] == "failed"
+    calls: list[str] = []
+    outcome = sweep.run_sweep(spec, tmp_path, runner=fake_runner(calls), log=quiet(), write_report=False)
+    assert calls == [f"{names[1]}-retry1"] and outcome.ok
+
+
+def test_the_sweep_stops_after_failures_in_a_row(tmp_path: Path) -> None:
+    calls: list[str] = []
+    outcome = sweep.run_sweep(small_spec(), tmp_path, runner=fake_runner(calls, fail=lambda n: True),
+                              max_failures_in_a_row=2, log=quiet(), write_report=False)
+    assert len(calls) == 2 and outcome.stopped and not outcome.ok
+
+
+def test_a_changed_sweep_file_does_not_reuse_old_runs(tmp_path: Path) -> None:
+    sweep.run_sweep(small_spec(seeds=[0]), tmp_path, runner=fake_runner(), log=quiet(), write_report=False)
+    changed = small_spec(seeds=[0], base={"num-server-rounds": 20, "samples-per-class": 50})
+    with pytest.raises(SweepError, match="num-server-rounds: ran 12, sweep says 20"):
+        sweep.run_sweep(changed, tmp_path, runner=fake_runner(), log=quiet())
+    # keys that do not change results (data-dir, device, ...) may change
+    moved = sweep.with_settings(small_spec(seeds=[0]), ["data-dir=/elsewhere"])
+    calls: list[str] = []
+    sweep.run_sweep(moved, tmp_path, runner=fake_runner(calls), log=quiet(), write_report=False)
+    assert calls == []
+
+
+def test_progress_line_per_cell(tmp_path: Path) -> None:
+    now = [0.0]
+
+    def runner(run: sweep.CellRun) -> int:
+        now[0] += 100.0  # every cell takes 100 s
+        return fake_runner()(run)
+
+    lines: list[str] = []
+    spec = small_spec(grid={"method": ["fedavg", "focal"], "imbalance-ratio": [10.0, 100.0]}, **{"row-overrides": {}})
+    sweep.run_sweep(spec, tmp_path, runner=runner, log=quiet(lines), clock=lambda: now[0], write_report=False)
+    starts = [line for line in lines if "elapsed" in line]
+    assert starts[0] == "[sweep] cell 1/12 method-fedavg__imbalance-ratio-10__seed-0: elapsed 0s, " \
+                        "estimated remaining unknown"
+    assert starts[1] == "[sweep] cell 2/12 method-fedavg__imbalance-ratio-10__seed-1: elapsed 1m40s, " \
+                        "estimated remaining 18m20s"
+    assert starts[11].startswith("[sweep] cell 12/12 ")
+    assert starts[11].endswith("elapsed 18m20s, estimated remaining 1m40s")
+    assert sweep.duration(3 * 3600 + 125) == "3h02m"
+    log = [json.loads(line) for line in (tmp_path / "small" / "cells.jsonl").read_text().splitlines()]
+    assert len(log) == 12 and log[0]["seconds"] == 100.0 and log[0]["status"] == "completed"
+    # a later invocation estimates from the wall time of the cells run before
+    lines.clear()
+    more = small_spec(grid={"method": ["fedavg", "focal"], "imbalance-ratio": [10.0, 100.0]}, seeds=[0, 1, 2, 3],
+                      **{"row-overrides": {}})
+    sweep.run_sweep(more, tmp_path, runner=runner, log=quiet(lines), clock=lambda: now[0], write_report=False)
+    assert next(line for line in lines if "elapsed" in line).endswith("elapsed 0s, estimated remaining 6m40s")
+
+
+def test_launch_runner_runs_the_app_with_the_sweeps_own_flower_home(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedlt_app import launch
+
+    got = {}
+
+    def fake_launch(app_dir, run_config, num_clients, cpus, gpus, timeout):  # type: ignore[no-untyped-def]
+        got.update(app_dir=app_dir, run_config=run_config, num_clients=num_clients, cpus=cpus, gpus=gpus,
+                   timeout=timeout, home=os.environ.get("FLWR_HOME"))
+        return 3
+
+    monkeypatch.setattr(launch, "run", fake_launch)
+    monkeypatch.setenv("FLWR_HOME", "/somewhere/else")
+    outcome = sweep.run_sweep(small_spec(seeds=[0]), tmp_path, only={"method": {"fedavg"}, "imbalance-ratio": {"10"}},
+                              log=quiet(), write_report=False, timeout=60.0)
+    assert outcome.failed == ["method-fedavg__imbalance-ratio-10__seed-0"]
+    assert got["home"] == str(tmp_path.resolve() / "small" / "flwr-home")
+    assert os.environ["FLWR_HOME"] == "/somewhere/else"
+    assert got["num_clients"] == 3 and got["cpus"] == 1 and got["gpus"] == 0.0 and got["timeout"] == 60.0
+    assert "method='fedavg'" in got["run_config"] and "run-name='method-fedavg__imbalance-ratio-10__seed-0'" in got[
+        "run_config"]
+
+
+def test_gpus_without_a_gpu_fail_fast(tmp_path: Path) -> None:
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    with pytest.raises(SweepError, match="--gpus-per-client 0"):
+        sweep.run_sweep(small_spec(**{"gpus-per-client": 0.25}), tmp_path, runner=fake_runner(), log=quiet())
+    calls: list[str] = []
+    sweep.run_sweep(small_spec(**{"gpus-per-client": 0.25}, seeds=[0]), tmp_path, runner=fake_runner(calls), gpus=0.0,
+                    log=quiet(), write_report=False)
+    assert len(calls) == 6
+
+
+def test_cli_dry_run_writes_nothing_and_report_only(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "cli.yaml"
+    path.write_text("name: cli\nbase: {num-server-rounds: 2}\nnum-clients: 2\ngrid:\n  method: [fedavg]\nseeds: [0]\n")
+    assert sweep.main([str(path), "--dry-run", "--output", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "cell 1/1 method-fedavg__seed-0: run" in out
+    assert "--run-config \"method='fedavg' num-server-rounds=2\"" in out
+    assert not (tmp_path / "out").exists()
+    assert sweep.main([str(tmp_path / "missing.yaml")]) == 2
+    sweep.run_sweep(sweep.load_spec(path), tmp_path / "out", runner=fake_runner(), log=quiet(), write_report=False)
+    assert sweep.main([str(path), "--report-only", "--output", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "cli" / "table.md").exists()
+
+
+# ----------------------------------------------------------------- report
+
+
+@pytest.fixture(scope="module")
+def fixture_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small finished sweep: 3 methods x IR 10/100 x 3 seeds, 12 rounds each, one seed missing."""
+    out = tmp_path_factory.mktemp("results")
+    spec = small_spec(ablation="imbalance-ratio")
+    missing = "method-redgrape__imbalance-ratio-100__seed-2"
+    sweep.run_sweep(spec, out, runner=fake_runner(fail=lambda n: n == missing), log=quiet())
+    return out / "small"
+
+
+def expected_entry(sweep_dir: Path, method: str, ir: str, metric: str) -> str:
+    """Recompute a table entry from the fixture's metrics.jsonl files, independently of fedlt_app.report."""
+    values = []
+    for seed in (0, 1, 2):
+        path = sweep_dir / "runs" / f"method-{method}__imbalance-ratio-{ir}__seed-{seed}" / "metrics.jsonl"
+        if not path.exists():
+            continue
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        last = [r[metric] for r in rows[-10:]]
+        if any(v is None for v in last):
+            return "n/a"
+        values.append(100 * sum(last) / len(last))
+    text = f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+    return text if len(values) == 3 else f"{text} ({len(values)}/3 seeds)"
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    with path.open(newline="") as f:
+        return list(csv.reader(f))
+
+
+@pytest.mark.parametrize(
+    ("stem", "metric"),
+    [("table", "accuracy"), ("table-tail", "tail_accuracy"), ("table-many", "many_shot_accuracy"),
+     ("table-medium", "medium_shot_accuracy"), ("table-few", "few_shot_accuracy")],
+)
+def test_table_numbers_are_last10_mean_and_std_over_seeds(fixture_sweep: Path, stem: str, metric: str) -> None:
+    lines = read_csv(fixture_sweep / f"{stem}.csv")
+    assert lines[0] == ["method", "IR=10", "IR=100"]
+    assert [line[0] for line in lines[1:]] == ["FedAvg+CE", "FedProx", "RedGrape"]
+    for line, method in zip(lines[1:], ["fedavg", "fedprox", "redgrape"], strict=True):
+        assert line[1:] == [expected_entry(fixture_sweep, method, ir, metric) for ir in ("10", "100")]
+    assert lines[3][2].endswith("(2/3 seeds)")
+    if metric == "few_shot_accuracy":  # the fake runs have no few-shot class at IR 10
+        assert [line[1] for line in lines[1:]] == ["n/a"] * 3
+
+
+def test_table_md_has_every_metric_and_the_unfinished_cell(fixture_sweep: Path) -> None:
+    text = (fixture_sweep / "table.md").read_text()
+    for metric in report.METRICS:
+        assert f"## {metric.title}" in text
+    assert "| method | IR=10 | IR=100 |" in text
+    assert "ddof = 1" in text and "last 10 rounds" in text
+    assert "`method-redgrape__imbalance-ratio-100__seed-2`: not run" in text
+    fedavg = next(line for line in text.splitlines() if line.startswith("| FedAvg+CE |"))
+    assert expected_entry(fixture_sweep, "fedavg", "10", "accuracy") in fedavg
+
+
+def test_stats_helpers() -> None:
+    assert report.mean_std([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
+    assert report.mean_std([0.5]) == (0.5, None)
+    assert report.format_stat(report.Stat(0.95731, None, 1, 1)) == "95.73"
+    assert report.format_stat(report.Stat(None, None, 0, 3)) == "—"
+    assert report.last_mean([{"a": v} for v in range(20)], "a") == pytest.approx(14.5)
+    assert report.last_mean([{"a": None}], "a") is None
+
+
+def test_runs_csv_and_plots(fixture_sweep: Path) -> None:
+    lines = read_csv(fixture_sweep / "runs.csv")
+    assert lines[0][:6] == ["cell", "status", "run_dir", "method", "imbalance-ratio", "seed"]
+    assert len(lines) == 1 + 18
+    plots = sorted(p.name for p in (fixture_sweep / "plots").iterdir())
+    assert plots == sorted([
+        "accuracy-imbalance-ratio-10.png", "accuracy-imbalance-ratio-100.png",
+        "per-class-imbalance-ratio-10.png", "per-class-imbalance-ratio-100.png",
+        "ablation-imbalance-ratio-all.png", "ablation-imbalance-ratio-final-all.png",
+    ])
+    assert all((fixture_sweep / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
+    res = report.load(fixture_sweep)
+    curves = report.curves(res, ["imbalance-ratio"], ["10"], ["method"])
+    assert sorted(curves) == [("fedavg",), ("fedprox",), ("redgrape",)]
+    xs, ys = curves[("fedavg",)]
+    assert xs == list(range(1, 13))
+    firsts = [json.loads((fixture_sweep / "runs" / f"method-fedavg__imbalance-ratio-10__seed-{s}" / "metrics.jsonl")
+                         .read_text().splitlines()[0])["accuracy"] for s in (0, 1, 2)]
+    assert ys[0] == pytest.approx(sum(firsts) / 3)
+
+
+def test_load_refuses_a_folder_without_a_sweep(tmp_path: Path) -> None:
+    with pytest.raises(report.ReportError, match="no sweep results"):
+        report.load(tmp_path)
+
+
+def test_notebook_renders_a_results_folder(fixture_sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    notebook = ROOT / "notebooks" / "analyze_results.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    monkeypatch.setenv("FEDLT_RESULTS", str(fixture_sweep))
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "## Balanced accuracy" in markdown
+    assert expected_entry(fixture_sweep, "fedprox", "100", "accuracy") in markdown
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == 6
