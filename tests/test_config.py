@@ -260,3 +260,26 @@ def test_readme_documents_every_run_config_key() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [o.key for o in config.SCHEMA if f"| `{o.key}` |" not in readme]
     assert not missing, f"README's run-config table lacks {missing}"
+
+
+def _wrong_type(option: config.Option) -> object:
+    return "not-a-number" if option.kind in (int, float) else (3 if option.kind is str else "yes")
+
+
+@pytest.mark.parametrize("option", config.SCHEMA, ids=lambda o: o.key)
+def test_every_key_rejects_a_wrong_type_by_name(option: config.Option) -> None:
+    with pytest.raises(ConfigError, match=f"^{option.key}: expected"):
+        resolve({option.key: _wrong_type(option)})
+
+
+OUT_OF_RANGE = {int: -7, float: -7.5, str: "no-such-value"}
+
+
+@pytest.mark.parametrize("option", [o for o in config.SCHEMA if o.check is not None], ids=lambda o: o.key)
+def test_every_checked_key_rejects_an_out_of_range_value_by_name(option: config.Option) -> None:
+    value = OUT_OF_RANGE.get(option.kind, OUT_OF_RANGE[str])
+    if option.check(value) is None:  # e.g. a key for which -7 is allowed
+        value = float("inf") if option.kind is float else 10**9
+    assert option.check(value) is not None, f"{option.key}: no out-of-range probe"
+    with pytest.raises(ConfigError, match=f"^{option.key}"):
+        resolve({option.key: value})

@@ -21,6 +21,7 @@ from logging import INFO
 from typing import Any
 
 import numpy as np
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
@@ -32,6 +33,7 @@ from fedlt_app.config import ConfigError, RunConfig
 from fedlt_app.data import FederatedData, tail_classes
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
+from fedlt_app.models import EncoderClassifier
 from fedlt_app.records import content_nbytes
 from fedlt_app.results import RunRecorder, run_directory
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
@@ -134,7 +136,6 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     from fedlt_app.server_app import discover_clients  # server_app imports this module
 
     device = resolve_device(cfg.device)
-    method = get_method(cfg.method)
     federation = Federation(grid, discover_clients(grid))
     num_clients = len(federation.node_of_partition)
     if cfg.clients_per_round > num_clients:
@@ -179,29 +180,8 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
                 query["query_seconds"] = time.perf_counter() - query_started
             digests = [int(m["selection-digest"]) for m in answers.values()]
 
-            model = protocol.cycle_initial_model(cfg, data, cycle if cfg.al_reset_per_cycle else 0).to(device)
-            if previous is not None and not cfg.al_reset_per_cycle:
-                model.load_state_dict(previous.to_torch_state_dict())
-            strategy = CycleStrategy(
-                inner=server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.local_lr),
-                server_method=method.server(cfg, model, data),
-                global_model=model,
-                node_of_partition=federation.node_of_partition,
-                clients_per_round=cfg.clients_per_round,
-                seed=cfg.seed if cycle == 0 else protocol.stream_seed(cfg.seed, "cohorts", cycle),
-                max_failure_fraction=cfg.max_failure_fraction,
-                rounds_before=rounds_done,
-            )
-            result = strategy.start(
-                grid=grid,
-                initial_arrays=ArrayRecord(model.state_dict()),
-                num_rounds=cfg.fl_rounds_per_cycle,
-                timeout=cfg.round_timeout,
-                train_config=ConfigRecord({protocol.TRAIN_ON_LABELED: True}),
-            )
+            model, strategy, previous = _train_cycle(grid, cfg, data, federation, cycle, rounds_done, previous, device)
             rounds_done += cfg.fl_rounds_per_cycle
-            previous = result.arrays
-            model.load_state_dict(previous.to_torch_state_dict())
             evaluation = evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels,
                                   cfg.dataset, tail, data.class_counts)
             record = {
@@ -231,6 +211,41 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     summary = recorder.summary
     log(INFO, "[fedlt-al] done: final accuracy %.4f, mean over cycles %.4f -> %s",
         summary["final_accuracy"], summary["last10_accuracy"], run_dir)
+
+
+def _train_cycle(
+    grid: Grid,
+    cfg: RunConfig,
+    data: FederatedData,
+    federation: Federation,
+    cycle: int,
+    rounds_before: int,
+    previous: ArrayRecord | None,
+    device: torch.device,
+) -> tuple[EncoderClassifier, CycleStrategy, ArrayRecord]:
+    """One cycle's federated training on the labeled sets; (global model, strategy, its arrays)."""
+    model = protocol.cycle_initial_model(cfg, data, cycle if cfg.al_reset_per_cycle else 0).to(device)
+    if previous is not None and not cfg.al_reset_per_cycle:
+        model.load_state_dict(previous.to_torch_state_dict())
+    strategy = CycleStrategy(
+        inner=server_optimizer(cfg.server_opt, cfg.server_lr, cfg.server_momentum, cfg.local_lr),
+        server_method=get_method(cfg.method).server(cfg, model, data),
+        global_model=model,
+        node_of_partition=federation.node_of_partition,
+        clients_per_round=cfg.clients_per_round,
+        seed=cfg.seed if cycle == 0 else protocol.stream_seed(cfg.seed, "cohorts", cycle),
+        max_failure_fraction=cfg.max_failure_fraction,
+        rounds_before=rounds_before,
+    )
+    result = strategy.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(model.state_dict()),
+        num_rounds=cfg.fl_rounds_per_cycle,
+        timeout=cfg.round_timeout,
+        train_config=ConfigRecord({protocol.TRAIN_ON_LABELED: True}),
+    )
+    model.load_state_dict(result.arrays.to_torch_state_dict())
+    return model, strategy, result.arrays
 
 
 def _query(
