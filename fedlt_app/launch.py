@@ -60,6 +60,33 @@ def _wait_healthy(port: int, superlink: subprocess.Popen, log_path: Path, timeou
     raise RuntimeError(f"flower-superlink did not become healthy in {timeout:.0f} s; see {log_path}")
 
 
+def _processes_of(home: Path) -> list[int]:
+    """Pids whose environment names this launch's FLWR_HOME (SuperExec detaches itself)."""
+    marker = f"FLWR_HOME={home}".encode()
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (entry / "environ").read_bytes().split(b"\0") and int(entry.name) != os.getpid():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def _stop(superlink: subprocess.Popen, home: Path) -> None:
+    """Stop the SuperLink, then anything of this launch that escaped its process group."""
+    try:
+        os.killpg(superlink.pid, signal.SIGTERM)
+        superlink.wait(timeout=20)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    for pid in _processes_of(home):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _run_status(run_id: int, env: dict[str, str]) -> str:
     out = subprocess.run(
         [_flwr("flwr"), "list", CONNECTION, "--run-id", str(run_id), "--format", "json"],
@@ -75,9 +102,11 @@ def _run_status(run_id: int, env: dict[str, str]) -> str:
 def run(app_dir: Path, run_config: str, num_clients: int, cpus: int, gpus: float, timeout: float) -> int:
     """Run the app once through the simulation engine; return a process exit code."""
     app_dir = app_dir.resolve()
-    home = Path(os.environ.get("FLWR_HOME", app_dir / ".flwr-home")).resolve()
-    home.mkdir(parents=True, exist_ok=True)
     port = _free_port()
+    # One Flower home per launch: concurrent launches never share a config.toml,
+    # and whatever outlives the SuperLink can be found by it.
+    home = Path(os.environ.get("FLWR_HOME", app_dir / ".flwr-home")).resolve() / f"launch-{port}"
+    home.mkdir(parents=True, exist_ok=True)
     (home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n'
@@ -119,16 +148,15 @@ def run(app_dir: Path, run_config: str, num_clients: int, cpus: int, gpus: float
             status = _run_status(run_id, env)
             if status.startswith("finished"):
                 break
+            if superlink.poll() is not None:
+                status = "superlink-exited"
+                break
             if streamer.poll() is not None:
                 time.sleep(2)
     finally:
         if streamer is not None:
             streamer.terminate()
-        os.killpg(superlink.pid, signal.SIGTERM)
-        try:
-            superlink.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(superlink.pid, signal.SIGKILL)
+        _stop(superlink, home)
     if status != "finished:completed":
         print(f"fedlt-run: run {run_id} ended with status {status!r}; SuperLink log: {log_path}", file=sys.stderr)
         return 1

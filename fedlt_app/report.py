@@ -427,6 +427,9 @@ def plot_curves(
     fig, ax = _figure()
     for curve, (xs, ys) in curves(res, setting_keys, column, curve_keys, metric).items():
         ax.plot(xs, [100 * y for y in ys], label=res.label(curve_keys, curve, " / "))
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("communication round")
     ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
     ax.set_title(title or f"{res.name}: {res.label(setting_keys, column)} (mean over seeds)")
