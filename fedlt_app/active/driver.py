@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 from logging import INFO
 from typing import Any
 
@@ -152,7 +153,8 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
         "flower_run_id": context.run_id,
         "active_learning": plan.as_dict(),
     }
-    run_dir = run_directory(cfg, context.run_id)
+    default_name = f"{cfg.al_method}-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{context.run_id}"
+    run_dir = run_directory(cfg if cfg.run_name else replace(cfg, run_name=default_name), context.run_id)
     log(INFO, "[fedlt-al] %s: %d cycles, %d labels per client per cycle (N_train %d, %d clients) -> %s",
         cfg.al_method, plan.num_cycles, plan.per_client, plan.n_train, num_clients, run_dir)
 
