@@ -40,8 +40,7 @@ def run(overrides: dict, num_clients: int) -> list[dict]:
     server = method.server(cfg, global_model, data)
     worker = copy.deepcopy(global_model)
     tail = tail_classes(data.class_counts)
-    setup = LocalTraining(cfg.local_epochs, cfg.batch_size, cfg.local_lr, cfg.momentum, cfg.grad_clip, cfg.prox_mu,
-                          cfg.dataset)
+    setup = LocalTraining.from_config(cfg)
     rows = []
     for server_round in range(1, cfg.num_server_rounds + 1):
         started = time.perf_counter()

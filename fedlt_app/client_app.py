@@ -65,16 +65,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)  # shuffling, augmentation, balanced draws
     method = get_method(cfg.method).client(cfg, data.num_classes, record_to_payload(msg.content.get(METHOD_KEY)))
-    setup = LocalTraining(
-        epochs=cfg.local_epochs,
-        batch_size=cfg.batch_size,
-        lr=cfg.local_lr,
-        momentum=cfg.momentum,
-        grad_clip=cfg.grad_clip,
-        prox_mu=cfg.prox_mu,
-        dataset=cfg.dataset,
-    )
-    stats = train_locally(model, images, labels, method, setup, generator)
+    stats = train_locally(model, images, labels, method, LocalTraining.from_config(cfg), generator)
 
     content = RecordDict(
         {

@@ -25,6 +25,21 @@ def run_directory(cfg: RunConfig, run_id: int) -> Path:
     return run_dir
 
 
+def federation_info(num_clients: int, class_counts: list[int], client_indices: list, tail: list[int],
+                    run_id: int) -> dict[str, Any]:
+    """The facts of a run's federation that config.json keeps next to the run config.
+
+    Recorded so a result can be read without re-deriving the long-tail cut and the partition.
+    """
+    return {
+        "num_clients": num_clients,
+        "class_counts": list(class_counts),
+        "client_sizes": [len(idx) for idx in client_indices],
+        "tail_classes": tail,
+        "flower_run_id": run_id,
+    }
+
+
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     """Final and last-10-round mean accuracy and tail accuracy."""
     if not rounds:

@@ -24,7 +24,7 @@ from fedlt_app.config import ConfigError, RunConfig, resolve
 from fedlt_app.data import tail_classes
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
-from fedlt_app.results import RunRecorder, run_directory
+from fedlt_app.results import RunRecorder, federation_info, run_directory
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.task import federated_data, initial_model, resolve_device
 
@@ -126,13 +126,7 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[fedlt] resuming %s after round %d", run_dir, done)
     else:
         run_dir = run_directory(cfg, context.run_id)
-    info = {
-        "num_clients": num_clients,
-        "class_counts": list(data.class_counts),
-        "client_sizes": [len(idx) for idx in data.client_indices],
-        "tail_classes": tail,
-        "flower_run_id": context.run_id,
-    }
+    info = federation_info(num_clients, data.class_counts, data.client_indices, tail, context.run_id)
     log(INFO, "[fedlt] results -> %s", run_dir)
 
     with RunRecorder(cfg, run_dir, info, resume_after=done if cfg.resume_from else None) as recorder:

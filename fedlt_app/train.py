@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from fedlt_app.config import RunConfig
 from fedlt_app.data import augment
 from fedlt_app.methods import ClientMethod
 from fedlt_app.models import EncoderClassifier
@@ -27,6 +28,12 @@ class LocalTraining:
     grad_clip: float
     prox_mu: float
     dataset: str
+
+    @classmethod
+    def from_config(cls, cfg: RunConfig) -> LocalTraining:
+        """The local training a run's config asks for (the app and the plain-loop benchmark must agree)."""
+        return cls(cfg.local_epochs, cfg.batch_size, cfg.local_lr, cfg.momentum, cfg.grad_clip, cfg.prox_mu,
+                   cfg.dataset)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from app_runs import run_app
 from fedlt_app import launch
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -28,11 +29,6 @@ def rows(run_dir: Path) -> list[dict]:
 
 def without_timing(table: list[dict]) -> list[dict]:
     return [{k: v for k, v in row.items() if k not in TIMING} for row in table]
-
-
-def run_app(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int = 3) -> int:
-    monkeypatch.setenv("FLWR_HOME", str(tmp / "flwr-home"))
-    return launch.run(ROOT, run_config, num_clients=num_clients, cpus=1, gpus=0.0, timeout=600)
 
 
 @pytest.fixture(scope="module")

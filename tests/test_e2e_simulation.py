@@ -7,18 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from fedlt_app import launch
+from app_runs import run_app
 from wandb_reader import logged_history
 
-ROOT = Path(__file__).resolve().parent.parent
 ROUNDS = 3
 
 pytestmark = pytest.mark.e2e
-
-
-def run_app(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int = 3) -> int:
-    monkeypatch.setenv("FLWR_HOME", str(tmp / "flwr-home"))
-    return launch.run(ROOT, run_config, num_clients=num_clients, cpus=1, gpus=0.0, timeout=600)
 
 
 @pytest.fixture(scope="module")

@@ -36,7 +36,7 @@ from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.records import content_nbytes
-from fedlt_app.results import RunRecorder, run_directory
+from fedlt_app.results import RunRecorder, federation_info, run_directory
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.task import federated_data, resolve_device
 
@@ -145,14 +145,8 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     plan = _plan(cfg, data, num_clients)
     tail = tail_classes(data.class_counts)
     test_images, test_labels = data.test_data()
-    info = {
-        "num_clients": num_clients,
-        "class_counts": list(data.class_counts),
-        "client_sizes": [len(idx) for idx in data.client_indices],
-        "tail_classes": tail,
-        "flower_run_id": context.run_id,
-        "active_learning": plan.as_dict(),
-    }
+    info = {**federation_info(num_clients, data.class_counts, data.client_indices, tail, context.run_id),
+            "active_learning": plan.as_dict()}
     default_name = f"{cfg.al_method}-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{context.run_id}"
     run_dir = run_directory(cfg if cfg.run_name else replace(cfg, run_name=default_name), context.run_id)
     log(INFO, "[fedlt-al] %s: %d cycles, %d labels per client per cycle (N_train %d, %d clients) -> %s",

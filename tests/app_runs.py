@@ -1,0 +1,17 @@
+"""Running the real app from a test: one Flower home per test, the launcher's own timeout."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fedlt_app import launch
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_app(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int = 3) -> int:
+    """``fedlt-run`` on this checkout with a private FLWR_HOME under ``tmp``; returns its exit code."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp / "flwr-home"))
+    return launch.run(ROOT, run_config, num_clients=num_clients, cpus=1, gpus=0.0, timeout=600)
