@@ -11,7 +11,7 @@ Round times are the median over rounds 2.. (round 1 pays for Ray workers
 starting and decoding the data). Writes results/speed/speed.json and
 results/speed/speed.md.
 
-    python benchmarks/speed.py                 # the full protocol (about 40 min on 2 cores)
+    python benchmarks/speed.py                 # the full protocol, 4 rounds a run (--rounds 3 took 17 min on 2 cores)
     python benchmarks/speed.py --rounds 3 --quick
 """
 
