@@ -19,6 +19,8 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
+from fedlt_app.config import defaults
+
 CHECKPOINT_FILE = "checkpoint.pt"
 # Attributes of Flower's FedAvgM / FedOpt strategies that carry state between rounds.
 _OPTIMIZER_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
@@ -69,6 +71,8 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
+    """Refuse a resume that would change the run; a key newer than the checkpoint counts at its default."""
+    saved = {**defaults(), **saved}
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)

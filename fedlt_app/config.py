@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 METHOD_NAMES = ("fedavg", "fedprox", "focal", "ratio-loss", "climb", "creff", "redgrape")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # see fedlt_app/precision.py
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 Check = Callable[[Any], str | None]
@@ -156,6 +157,10 @@ SCHEMA: tuple[Option, ...] = (
            one_of("euclidean-squared", "cosine")),
     Option("seed", int, 0, "seed of data, partition, initialisation, sampling and local shuffling"),
     Option("device", str, "auto", "where clients and server compute", one_of("auto", "cpu", "cuda")),
+    Option("precision", str, "fp32",
+           "autocast dtype of forward passes: fp32, bf16, fp16 (CUDA only, loss scaling), "
+           "auto (bf16 where the device runs it natively, else fp32); weights, updates, prototypes stay fp32",
+           one_of(*PRECISIONS)),
     Option("output-dir", str, "outputs", "results go to <output-dir>/<run-name>/ (relative: to the app's directory)"),
     Option("run-name", str, "", "name of the run's result folder (empty = <method>-<dataset>-<timestamp>)"),
     Option("wandb-mode", str, "disabled", "Weights & Biases logging", one_of("disabled", "offline", "online")),
@@ -230,6 +235,7 @@ class RunConfig:
     fairfal_distance: str
     seed: int
     device: str
+    precision: str
     output_dir: str
     run_name: str
     wandb_mode: str

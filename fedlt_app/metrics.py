@@ -11,6 +11,7 @@ from torch.nn import functional as F
 
 from fedlt_app.data import to_float
 from fedlt_app.models import EncoderClassifier
+from fedlt_app.precision import FP32, Precision
 
 
 # The usual long-tail split by training samples per class (Liu et al., 2019).
@@ -50,6 +51,7 @@ def evaluate(
     tail_classes: Sequence[int],
     class_counts: Sequence[int],
     batch_size: int = 256,
+    precision: Precision = FP32,
 ) -> Evaluation:
     """Evaluate ``model`` as deployed: ``model(x)`` uses P and W only.
 
@@ -67,7 +69,8 @@ def evaluate(
     for start in range(0, len(labels), batch_size):
         x = to_float(images[start : start + batch_size].to(device), dataset)
         y = labels[start : start + batch_size].to(device)
-        logits = model(x)
+        with precision.autocast():
+            logits = model(x)  # float32 logits whatever the precision
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         hits = (logits.argmax(dim=1) == y).cpu()
         correct += torch.bincount(y.cpu()[hits], minlength=num_classes)

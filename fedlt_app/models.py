@@ -25,7 +25,8 @@ class EncoderClassifier(nn.Module):
         self.num_classes = num_classes
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.classifier(self.encoder(x))
+        """Logits, always float32: under autocast every loss and softmax downstream stays full precision."""
+        return self.classifier(self.encoder(x)).float()
 
 
 def _reddi_cnn_encoder(in_channels: int, image_size: int) -> tuple[nn.Module, int]:

@@ -24,6 +24,7 @@ from fedlt_app.config import ConfigError, RunConfig, resolve
 from fedlt_app.data import tail_classes
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
+from fedlt_app.precision import precision_for
 from fedlt_app.results import RunRecorder, federation_info, run_directory
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.task import federated_data, initial_model, resolve_device
@@ -99,6 +100,7 @@ def main(grid: Grid, context: Context) -> None:
     if cfg.al_method != "none":
         return run_active_learning(grid, context, cfg)
     device = resolve_device(cfg.device)
+    precision = precision_for(cfg.precision, device)
     method = get_method(cfg.method)
     node_of_partition = discover_clients(grid)
     num_clients = len(node_of_partition)
@@ -117,6 +119,7 @@ def main(grid: Grid, context: Context) -> None:
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
         max_failure_fraction=cfg.max_failure_fraction,
+        precision=precision,
     )
     done = 0
     if cfg.resume_from:
@@ -137,7 +140,7 @@ def main(grid: Grid, context: Context) -> None:
                 return None
             model.load_state_dict(arrays.to_torch_state_dict())
             result = evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels,
-                              cfg.dataset, tail, data.class_counts)
+                              cfg.dataset, tail, data.class_counts, precision=precision)
             record = {
                 "round": current.server_round,
                 **result.as_dict(),

@@ -45,7 +45,7 @@ def rowwise_cosine_distance(synthetic: Tensor, real: Tensor) -> Tensor:
 
 def class_gradient(head: nn.Linear, features: Tensor, label: int) -> tuple[Tensor, Tensor]:
     targets = torch.full((len(features),), label, dtype=torch.long, device=features.device)
-    loss = F.cross_entropy(head(features), targets)
+    loss = F.cross_entropy(head(features).float(), targets)
     weight, bias = torch.autograd.grad(loss, [head.weight, head.bias], create_graph=True)
     return weight, bias
 

@@ -35,6 +35,7 @@ from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData, augment
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
 from fedlt_app.models import EncoderClassifier
+from fedlt_app.precision import full_precision
 
 PROTO_KEYS = ("proto-weight", "proto-bias")
 
@@ -46,8 +47,9 @@ def add_supplementary_classifier(model: EncoderClassifier) -> EncoderClassifier:
 
 
 def two_head_logits(model: EncoderClassifier, x: Tensor) -> Tensor:
+    """Wᵀh + Ŵᵀh, in float32 like every model's logits."""
     h = model.encoder(x)
-    return model.classifier(h) + model.supplementary(h)
+    return (model.classifier(h) + model.supplementary(h)).float()
 
 
 @torch.no_grad()
@@ -57,7 +59,14 @@ def gradient_prototypes(features: Tensor, labels: Tensor, classifier: nn.Linear)
     For one sample, ∂CE/∂W = (softmax(Wh + b) − e_y) hᵀ and ∂CE/∂b = softmax − e_y;
     averaging those over a class's samples gives its prototype.
     Returns (classes present, weight grads (k, C, d), bias grads (k, C)).
+    Always float32, whatever the run's precision: the features may come from
+    an autocast pass, the prototypes are state that the server averages.
     """
+    with full_precision(features.device.type):
+        return _gradient_prototypes(features.float(), labels, classifier)
+
+
+def _gradient_prototypes(features: Tensor, labels: Tensor, classifier: nn.Linear) -> tuple[Tensor, Tensor, Tensor]:
     residual = torch.softmax(classifier(features), dim=1)
     residual[torch.arange(len(labels)), labels] -= 1.0
     classes = torch.unique(labels)
@@ -161,9 +170,10 @@ class RedGrapeClient(ClientMethod):
         local_grads: list[Tensor | None] = [None, None]
         if self._num_local:
             with torch.no_grad():
-                features = model.encoder(self._balanced_x)
-            balanced_loss = F.cross_entropy(head(features), self._balanced_y)
-            local_grads = list(torch.autograd.grad(balanced_loss, [head.weight, head.bias]))
+                features = model.encoder(self._balanced_x)  # under the run's autocast
+            with full_precision(features.device.type):  # the small head gradient in float32
+                balanced_loss = F.cross_entropy(head(features.float()), self._balanced_y)
+                local_grads = list(torch.autograd.grad(balanced_loss, [head.weight, head.bias]))
         self._step = []
         for param, local, missing in zip((head.weight, head.bias), local_grads, self._missing_prototypes, strict=True):
             g_bal = mix_balanced_gradient(local, self._num_local, missing, self._num_missing, self.num_classes)
