@@ -1,18 +1,24 @@
 """Speed and memory of fedlt, measured in one run on one machine.
 
-1. The app's round through Flower's simulation engine against the plain
-   single-process loop doing exactly the same local training (same model,
-   data, batch size, steps, clients, seeds): the floor.
-2. RedGrape's round against FedAvg's, at 1 and at 5 local epochs.
-3. Peak memory (all processes of the run) and round time with 10, 100 and
-   1,000 virtual clients at 10 clients per round.
+1. ``precision``: the app's round through Flower's simulation engine against
+   the plain single-process loop doing exactly the same local training (same
+   model, data, batch size, steps, clients, seeds), FedAvg and RedGrape, in
+   fp32 and bf16.
+2. ``epochs``: RedGrape's round against FedAvg's at 5 local epochs, fp32 and
+   bf16 (1 epoch comes from part 1).
+3. ``scale``: peak memory (all processes of the run) and round time with 10,
+   100 and 1,000 virtual clients at 10 clients per round.
+4. ``floor``: the FLOPs of each setting's round over this CPU's dense-matmul
+   rate in the same precision (see benchmarks/floor.py), and one local step
+   with channels_last and torch.compile.
 
 Round times are the median over rounds 2.. (round 1 pays for Ray workers
 starting and decoding the data). Writes results/speed/speed.json and
-results/speed/speed.md.
+results/speed/speed.md after every part; ``--parts`` re-measures some parts
+and keeps the others from the existing speed.json.
 
-    python benchmarks/speed.py                 # the full protocol, 4 rounds a run (--rounds 3 took 17 min on 2 cores)
-    python benchmarks/speed.py --rounds 3 --quick
+    python benchmarks/speed.py                          # every part, 3 rounds a run
+    python benchmarks/speed.py --parts precision,floor  # ~25 min on 2 cores
 """
 
 from __future__ import annotations
@@ -33,7 +39,12 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import floor  # noqa: E402
 import plain_loop  # noqa: E402
+
+from fedlt_app.precision import cpu_has_native_bf16  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16")
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,76 +106,178 @@ def plain_run(run_config: str, num_clients: int) -> dict:
     return {"round_seconds": [r["round_seconds"] for r in rows]}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--rounds", type=int, default=4, help="rounds per measured run")
-    parser.add_argument("--quick", action="store_true", help="skip the 5-epoch and 1,000-client runs")
-    parser.add_argument("--output", type=Path, default=ROOT / "results" / "speed")
-    args = parser.parse_args()
-    base = f"num-server-rounds={args.rounds}"
-    report: dict = {
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
-                    "cuda": torch.cuda.is_available()},
-        "rounds": args.rounds,
-    }
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        # 1. app vs plain loop, default setting (10 clients, 1 local epoch, FedAvg and RedGrape)
+PARTS = ("precision", "epochs", "scale", "floor")
+LEGACY_KEYS = ("app_vs_plain_fedavg", "app_vs_plain_redgrape", "redgrape_vs_fedavg_1_epochs",
+               "redgrape_vs_fedavg_5_epochs")
+
+
+def measure_precision(report: dict, base: str, work: Path) -> None:
+    """1. app vs plain loop, default setting (10 clients, 1 local epoch), FedAvg and RedGrape, fp32 and bf16."""
+    for precision in PRECISIONS:
         for method in ("fedavg", "redgrape"):
-            app = app_run(f"{base} method='{method}'", 10, work, f"app-{method}")
-            plain = plain_run(f"{base} method='{method}'", 10)
-            report[f"app_vs_plain_{method}"] = {
+            config = f"{base} method='{method}' precision='{precision}'"
+            app = app_run(config, 10, work, f"app-{method}-{precision}")
+            plain = plain_run(config, 10)
+            report[f"app_vs_plain_{method}_{precision}"] = {
                 "app_round_s": steady(app["round_seconds"]), "plain_round_s": steady(plain["round_seconds"]),
                 "ratio": steady(app["round_seconds"]) / steady(plain["round_seconds"]),
                 "app": app, "plain": plain,
             }
-        # 2. RedGrape vs FedAvg at 1 and 5 local epochs (through the app)
-        epochs_list = (1,) if args.quick else (1, 5)
-        for epochs in epochs_list:
-            times = {}
-            for method in ("fedavg", "redgrape"):
-                key = f"app_vs_plain_{method}"
-                if epochs == 1:
-                    times[method] = report[key]["app_round_s"]
-                else:
-                    run = app_run(f"{base} method='{method}' local-epochs={epochs}", 10, work, f"e{epochs}-{method}")
-                    times[method] = steady(run["round_seconds"])
-            report[f"redgrape_vs_fedavg_{epochs}_epochs"] = {**times, "ratio": times["redgrape"] / times["fedavg"]}
-        # 3. scale: 10 / 100 / 1,000 virtual clients, 10 per round
-        scale = {}
-        for clients in (10, 100) if args.quick else (10, 100, 1000):
-            run = app_run(f"{base} method='redgrape' clients-per-round=10", clients, work, f"scale-{clients}")
-            scale[clients] = {"round_s": steady(run["round_seconds"]), "peak_rss_gib": run["peak_rss_bytes"] / 2**30}
-        report["scale"] = scale
-        largest = max(scale)
-        report["memory_ratio_largest_vs_10"] = scale[largest]["peak_rss_gib"] / scale[10]["peak_rss_gib"]
 
-    args.output.mkdir(parents=True, exist_ok=True)
-    (args.output / "speed.json").write_text(json.dumps(report, indent=2))
-    (args.output / "speed.md").write_text(render(report))
+
+def measure_epochs(report: dict, base: str, work: Path) -> None:
+    """2. RedGrape vs FedAvg at 5 local epochs through the app, fp32 and bf16 (1 epoch: part 1)."""
+    for precision in PRECISIONS:
+        times = {}
+        for method in ("fedavg", "redgrape"):
+            config = f"{base} method='{method}' local-epochs=5 precision='{precision}'"
+            times[method] = steady(app_run(config, 10, work, f"e5-{method}-{precision}")["round_seconds"])
+        report[f"redgrape_vs_fedavg_5_epochs_{precision}"] = {**times, "ratio": times["redgrape"] / times["fedavg"]}
+
+
+def measure_scale(report: dict, base: str, work: Path, quick: bool) -> None:
+    """3. 10 / 100 / 1,000 virtual clients, 10 per round (RedGrape, fp32): round time and peak memory."""
+    scale = {}
+    for clients in (10, 100) if quick else (10, 100, 1000):
+        run = app_run(f"{base} method='redgrape' clients-per-round=10", clients, work, f"scale-{clients}")
+        scale[str(clients)] = {"round_s": steady(run["round_seconds"]), "peak_rss_gib": run["peak_rss_bytes"] / 2**30}
+    report["scale"] = scale
+    report["memory_ratio_largest_vs_10"] = scale[max(scale, key=int)]["peak_rss_gib"] / scale["10"]["peak_rss_gib"]
+
+
+def measure_floor(report: dict) -> None:
+    """4. The compute floor of each measured setting, and the step variants (channels_last, compile)."""
+    configs = {f"{m}_{e}_epochs": {"method": m, "local-epochs": e} for m in ("fedavg", "redgrape") for e in (1, 5)}
+    report["floor"] = floor.report(configs)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per measured run")
+    parser.add_argument("--quick", action="store_true", help="skip the 1,000-client run")
+    parser.add_argument("--parts", default=",".join(PARTS),
+                        help=f"comma-separated parts to (re)measure, of {', '.join(PARTS)}; the others are kept "
+                             "from an existing speed.json")
+    parser.add_argument("--output", type=Path, default=ROOT / "results" / "speed")
+    args = parser.parse_args()
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = sorted(set(parts) - set(PARTS))
+    if unknown:
+        parser.error(f"--parts: unknown part(s) {', '.join(unknown)}; known: {', '.join(PARTS)}")
+    path = args.output / "speed.json"
+    report: dict = json.loads(path.read_text()) if path.is_file() else {}
+    for key in LEGACY_KEYS:  # fp32-only figures of earlier versions of this script
+        report.pop(key, None)
+    report["machine"] = {"cpus": os.cpu_count(), "platform": platform.platform(), "torch": torch.__version__,
+                         "cuda": torch.cuda.is_available(), "native_bf16": cpu_has_native_bf16()}
+    report["rounds"] = args.rounds
+    base = f"num-server-rounds={args.rounds}"
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        for part in parts:
+            started = time.perf_counter()
+            if part == "precision":
+                measure_precision(report, base, work)
+            elif part == "epochs":
+                measure_epochs(report, base, work)
+            elif part == "scale":
+                measure_scale(report, base, work, args.quick)
+            else:
+                measure_floor(report)
+            report.setdefault("measured", {})[part] = {"date": time.strftime("%Y-%m-%d %H:%M"),
+                                                       "seconds": time.perf_counter() - started}
+            args.output.mkdir(parents=True, exist_ok=True)  # written after every part: nothing measured is lost
+            path.write_text(json.dumps(report, indent=2))
+            (args.output / "speed.md").write_text(render(report))
     print(render(report))
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
 
 
 def render(report: dict) -> str:
     lines = ["# fedlt speed and memory", "",
              f"Machine: {report['machine']['cpus']} CPUs, {report['machine']['platform']}, "
-             f"torch {report['machine']['torch']}, CUDA {report['machine']['cuda']}. "
-             f"{report['rounds']} rounds per run; round time = median over rounds 2..", "",
-             "| setting | app round (s) | plain loop round (s) | app / plain |", "|---|---|---|---|"]
-    for method in ("fedavg", "redgrape"):
-        r = report[f"app_vs_plain_{method}"]
-        lines.append(f"| {method}, 10 clients, 1 epoch | {r['app_round_s']:.1f} | {r['plain_round_s']:.1f} | "
-                     f"{r['ratio']:.2f} |")
-    lines += ["", "| local epochs | FedAvg round (s) | RedGrape round (s) | RedGrape / FedAvg |", "|---|---|---|---|"]
-    for key, value in report.items():
-        if key.startswith("redgrape_vs_fedavg_"):
-            epochs = key.split("_")[3]
-            lines.append(f"| {epochs} | {value['fedavg']:.1f} | {value['redgrape']:.1f} | {value['ratio']:.2f} |")
-    lines += ["", "| virtual clients (10 per round) | round (s) | peak RSS, all processes (GiB) |", "|---|---|---|"]
-    for clients, value in report["scale"].items():
-        lines.append(f"| {clients} | {value['round_s']:.1f} | {value['peak_rss_gib']:.2f} |")
-    lines += ["", f"Peak memory, largest federation vs 10 clients: {report['memory_ratio_largest_vs_10']:.2f}x", ""]
+             f"torch {report['machine']['torch']}, CUDA {report['machine']['cuda']}, "
+             f"native bf16 {report['machine'].get('native_bf16')}. "
+             f"{report['rounds']} rounds per run; round time = median over rounds 2.. "
+             "Setting: Fashion-MNIST-LT IR 100, 10 clients, CNN, batch 64, SGD lr 0.05 momentum 0.9, clip 1.0.", ""]
+    measured = report.get("measured", {})
+    if measured:
+        lines += ["Measured: " + ", ".join(f"{k} {v['date']} ({v['seconds'] / 60:.0f} min)"
+                                           for k, v in measured.items()), ""]
+    if any(f"app_vs_plain_fedavg_{p}" in report for p in PRECISIONS):
+        lines += ["## Round time by precision (1 local epoch)", "",
+                  "| method | precision | app round (s) | plain loop round (s) | app / plain | fp32 / this |",
+                  "|---|---|---|---|---|---|"]
+        for method in ("fedavg", "redgrape"):
+            reference = report.get(f"app_vs_plain_{method}_fp32")
+            for precision in PRECISIONS:
+                r = report.get(f"app_vs_plain_{method}_{precision}")
+                if r is None:
+                    continue
+                speedup = f"{reference['app_round_s'] / r['app_round_s']:.2f}x" if reference else "—"
+                lines.append(_row([method, precision, f"{r['app_round_s']:.1f}", f"{r['plain_round_s']:.1f}",
+                                   f"{r['ratio']:.2f}", speedup]))
+        lines.append("")
+    epoch_rows = []
+    for precision in PRECISIONS:
+        one = [report.get(f"app_vs_plain_{m}_{precision}") for m in ("fedavg", "redgrape")]
+        if all(one):
+            f1, r1 = one[0]["app_round_s"], one[1]["app_round_s"]
+            epoch_rows.append(_row([precision, "1", f"{f1:.1f}", f"{r1:.1f}", f"{r1 / f1:.2f}"]))
+        five = report.get(f"redgrape_vs_fedavg_5_epochs_{precision}")
+        if five:
+            epoch_rows.append(_row([precision, "5", f"{five['fedavg']:.1f}", f"{five['redgrape']:.1f}",
+                                    f"{five['ratio']:.2f}"]))
+    if epoch_rows:
+        lines += ["## RedGrape vs FedAvg", "",
+                  "| precision | local epochs | FedAvg round (s) | RedGrape round (s) | RedGrape / FedAvg |",
+                  "|---|---|---|---|---|", *epoch_rows, ""]
+    if "floor" in report:
+        fl = report["floor"]
+        rates = fl["matmul_flops_per_s"]
+        lines += ["## Compute floor", "",
+                  f"Dense matmul on all {fl['threads']} cores: fp32 {rates['fp32'] / 1e9:.0f} GFLOP/s, "
+                  f"bf16 {rates['bf16'] / 1e9:.0f} GFLOP/s. A round's FLOPs are counted from the model "
+                  "(forward + backward per training sample, forward per test sample, RedGrape's prototype and "
+                  "balanced-set passes); floor = FLOPs / matmul rate; measured round / floor says how far a "
+                  "round is from the hardware's best.", "",
+                  "| setting | TFLOP per round | precision | floor (s) | measured round (s) | measured / floor |",
+                  "|---|---|---|---|---|---|"]
+        for name, value in fl["rounds"].items():
+            method, epochs = name.split("_")[0], int(name.split("_")[1])
+            for precision in PRECISIONS:
+                measured_s = _measured_round(report, method, epochs, precision)
+                ratio = f"{measured_s / value['floor_s'][precision]:.1f}" if measured_s else "—"
+                lines.append(_row([f"{method}, {epochs} epoch(s)", f"{value['flops']['total'] / 1e12:.2f}", precision,
+                                   f"{value['floor_s'][precision]:.1f}",
+                                   f"{measured_s:.1f}" if measured_s else "—", ratio]))
+        steps = fl["step_variants"]
+        lines += ["", "One local step (batch 64, one thread, as one virtual client computes), ms:", "",
+                  "| precision | eager | channels_last | torch.compile (after warm-up) |", "|---|---|---|---|"]
+        for precision in PRECISIONS:
+            lines.append(_row([precision, f"{steps[f'{precision}_eager_ms']:.1f}",
+                               f"{steps[f'{precision}_channels_last_ms']:.1f}",
+                               f"{steps[f'{precision}_compile_ms']:.1f} "
+                               f"(warm-up {steps[f'{precision}_compile_warmup_s']:.0f} s)"]))
+        lines.append("")
+    if "scale" in report:
+        lines += ["## Scale (RedGrape, fp32, 10 clients per round)", "",
+                  "| virtual clients | round (s) | peak RSS, all processes (GiB) |", "|---|---|---|"]
+        for clients, value in report["scale"].items():
+            lines.append(f"| {clients} | {value['round_s']:.1f} | {value['peak_rss_gib']:.2f} |")
+        lines += ["", f"Peak memory, largest federation vs 10 clients: {report['memory_ratio_largest_vs_10']:.2f}x", ""]
     return "\n".join(lines)
+
+
+def _measured_round(report: dict, method: str, epochs: int, precision: str) -> float | None:
+    if epochs == 1:
+        entry = report.get(f"app_vs_plain_{method}_{precision}")
+        return entry["app_round_s"] if entry else None
+    entry = report.get(f"redgrape_vs_fedavg_{epochs}_epochs_{precision}")
+    return entry[method] if entry else None
 
 
 if __name__ == "__main__":

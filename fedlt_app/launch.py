@@ -8,7 +8,7 @@ when the run failed.  This launcher starts its own simulation SuperLink on a
 free loopback port, from the app's directory and with runtime installs off,
 submits the run with ``flwr run``, streams its log, waits for the final status
 and exits non-zero unless the run finished as completed.  The SuperLink is
-always stopped afterwards.
+always stopped afterwards.  The run config is validated before anything starts.
 """
 
 from __future__ import annotations
@@ -22,8 +22,11 @@ import socket
 import subprocess
 import sys
 import time
+import tomllib
 import urllib.request
 from pathlib import Path
+
+import click
 
 CONNECTION = "fedlt-sim"
 QUIET_ENV = {
@@ -99,9 +102,44 @@ def _run_status(run_id: int, env: dict[str, str]) -> str:
         return "unknown"
 
 
-def run(app_dir: Path, run_config: str, num_clients: int, cpus: int, gpus: float, timeout: float) -> int:
+def check_run_config(app_dir: Path, run_config: str) -> None:
+    """Resolve and validate the run config the app would see; raise naming the bad key.
+
+    For fast feedback: a bad value fails here in about a second instead of after
+    a SuperLink and a ServerApp have started (the ServerApp keeps its own
+    validation for plain ``flwr run``).  The config is Flower's merge of the
+    app's ``[tool.flwr.app.config]`` defaults with the ``--run-config``
+    overrides, parsed as Flower parses them; the precision is checked against
+    the device of this machine, where the simulation runs.
+    """
+    from flwr.common.config import parse_config_args
+
+    from fedlt_app.config import resolve
+
+    with (app_dir / "pyproject.toml").open("rb") as f:
+        defaults = tomllib.load(f)["tool"]["flwr"]["app"]["config"]
+    if run_config.endswith(".toml") and not Path(run_config).expanduser().is_absolute():
+        run_config = str(app_dir / run_config)  # `flwr run` reads it from the app directory
+    cfg = resolve({**defaults, **parse_config_args([run_config])})
+
+    from fedlt_app.precision import precision_for  # these import torch
+    from fedlt_app.task import resolve_device
+
+    precision_for(cfg.precision, resolve_device(cfg.device))
+
+
+def run(
+    app_dir: Path, run_config: str, num_clients: int, cpus: int, gpus: float, timeout: float, *, validate: bool = True
+) -> int:
     """Run the app once through the simulation engine; return a process exit code."""
     app_dir = app_dir.resolve()
+    if validate:
+        try:
+            check_run_config(app_dir, run_config)
+        except (ValueError, OSError, click.ClickException) as err:
+            message = err.format_message() if isinstance(err, click.ClickException) else str(err)
+            print(f"fedlt-run: invalid run config: {message}", file=sys.stderr)
+            return 2
     port = _free_port()
     # One Flower home per launch: concurrent launches never share a config.toml,
     # and whatever outlives the SuperLink can be found by it.

@@ -57,6 +57,7 @@ METRICS = (
     Metric("medium_shot_accuracy", "Medium-shot accuracy (20-100 training samples)", "table-medium"),
     Metric("few_shot_accuracy", "Few-shot accuracy (< 20 training samples)", "table-few"),
 )
+PAIRED_METRICS = METRICS[:2]  # balanced and tail accuracy
 AXIS_NAMES = {
     "imbalance-ratio": "IR",
     "dirichlet-alpha": "α",
@@ -319,6 +320,67 @@ def table(res: SweepResults, metric: str = "accuracy") -> list[list[str]]:
     return lines
 
 
+def paired_reference(res: SweepResults) -> tuple[str, str] | None:
+    """The sweep's ``paired`` (grid key, reference value), if it names one."""
+    paired = res.meta.get("paired")
+    return (str(paired["key"]), str(paired["reference"])) if paired else None
+
+
+def partner(res: SweepResults, cell: dict[str, Any], key: str, reference: str) -> dict[str, Any] | None:
+    """The cell with the same grid values and seed as ``cell``, but ``key`` at the reference value."""
+    want = {k: value_text(v) for k, v in cell["coords"].items()} | {key: reference}
+    for other in res.cells:
+        if other["seed"] == cell["seed"] and {k: value_text(v) for k, v in other["coords"].items()} == want:
+            return other
+    return None
+
+
+def paired_stat(res: SweepResults, row: Sequence[str], column: Sequence[str], metric: str) -> Stat | None:
+    """Per seed, this entry's last-10 mean minus its partner's at the reference; None for the reference itself.
+
+    Only seeds where both runs completed count; ``values`` holds the per-seed differences.
+    """
+    key, reference = paired_reference(res) or ("", "")
+    cells = res.cells_at((res.row_keys, row), (res.column_keys, column))
+    if not cells or any(value_text(c["coords"][key]) == reference for c in cells):
+        return None
+    diffs = []
+    for cell in cells:
+        other = partner(res, cell, key, reference)
+        if other is None or cell["name"] not in res.runs or other["name"] not in res.runs:
+            continue
+        mine, theirs = last_mean(res.runs[cell["name"]].rounds, metric), last_mean(res.runs[other["name"]].rounds, metric)
+        if mine is not None and theirs is not None:
+            diffs.append(mine - theirs)
+    mean, std = mean_std(diffs)
+    return Stat(mean, std, len(diffs), len(cells), tuple(diffs))
+
+
+def format_difference(s: Stat) -> str:
+    """'+0.52 ± 0.31 (3/3 > 0)': points, sample std over seeds, how many seeds agree in sign with the mean."""
+    if s.n == 0 or s.mean is None:
+        return "—"
+    text = f"{100 * s.mean:+.2f}" + (f" ± {100 * s.std:.2f}" if s.std is not None else "")
+    agree = sum(d > 0 for d in s.values) if s.mean >= 0 else sum(d < 0 for d in s.values)
+    sign = ">" if s.mean >= 0 else "<"
+    text += f" ({agree}/{s.n} {sign} 0)"
+    return text if s.n == s.planned else f"{text} ({s.n}/{s.planned} seeds paired)"
+
+
+def paired_table(res: SweepResults, metric: str = "accuracy") -> list[list[str]]:
+    """The table's layout without the reference entries; each entry a paired difference to the reference."""
+    header = [" / ".join(res.axis_label(k) for k in res.row_keys)]
+    columns = [c for c in res.columns if any(paired_stat(res, r, c, metric) for r in res.rows)]
+    header += [res.column_label(c) for c in columns]
+    lines = [header]
+    for row in res.rows:
+        stats = [paired_stat(res, row, column, metric) for column in columns]
+        if all(s is None for s in stats):
+            continue
+        lines.append([res.row_label(row)] + ["" if s is None else format_difference(s) for s in stats])
+    return lines
+
+
 def markdown_table(lines: Sequence[Sequence[str]]) -> str:
     out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
     out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
@@ -341,6 +403,17 @@ def markdown(res: SweepResults) -> str:
     )
     for metric in METRICS:
         parts.append(f"## {metric.title}\n\n{markdown_table(table(res, metric.key))}")
+    paired = paired_reference(res)
+    if paired:
+        key, reference = paired
+        parts.append(
+            f"## Paired differences to {res.coord_label(key, reference)}\n\n"
+            f"Per seed, a run's last-{LAST_ROUNDS} mean minus that of the run with the same seed and grid values but "
+            f"{res.axis_label(key)} = {reference} (same data, initialisation, cohorts and batches); in points, "
+            f"mean ± sample std over the paired seeds, and how many seeds share the mean's sign."
+        )
+        for metric in PAIRED_METRICS:
+            parts.append(f"### {metric.title}\n\n{markdown_table(paired_table(res, metric.key))}")
     unfinished = {n: s for n, s in res.status.items() if s != "completed"}
     if unfinished:
         parts.append("## Unfinished cells\n\n" + "\n".join(f"- `{n}`: {s}" for n, s in unfinished.items()))
@@ -380,6 +453,11 @@ def write_tables(res: SweepResults) -> list[Path]:
         path = res.root / f"{metric.stem}.csv"
         path.write_text(_csv_text(table(res, metric.key)))
         written.append(path)
+    if paired_reference(res):
+        for metric in PAIRED_METRICS:
+            path = res.root / f"{metric.stem}-paired.csv"
+            path.write_text(_csv_text(paired_table(res, metric.key)))
+            written.append(path)
     path = res.root / "runs.csv"
     path.write_text(_csv_text(runs_table(res)))
     return [*written, path]

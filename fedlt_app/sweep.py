@@ -43,7 +43,7 @@ APP_DIR = Path(__file__).resolve().parent.parent
 LAUNCHER_DEFAULTS: dict[str, Any] = {"num-clients": 10, "cpus-per-client": 1, "gpus-per-client": 0.0}
 SPEC_KEYS = (
     "name", "description", "base", "rows", "grid", "seeds", "row-overrides", "overrides", "exclude",
-    "ablation", "axis-labels", "value-labels", "timeout", *LAUNCHER_DEFAULTS,
+    "ablation", "paired", "axis-labels", "value-labels", "timeout", *LAUNCHER_DEFAULTS,
 )
 # Run-config keys that do not change a run's results: a finished run still
 # counts when only these differ from the sweep file (e.g. data moved).
@@ -90,6 +90,7 @@ class SweepSpec:
     overrides: tuple[Override, ...]
     exclude: tuple[Mapping[str, Any], ...]
     ablation: str | None
+    paired: tuple[str, str] | None  # (grid key, reference value): tables of per-seed differences to it
     axis_labels: Mapping[str, str]
     value_labels: Mapping[str, Mapping[str, str]]
     launcher: Mapping[str, Any]
@@ -222,6 +223,8 @@ def parse_spec(data: Mapping[str, Any], default_name: str = "", source: str = ""
     if ablation is not None and ablation not in keys:
         raise SweepError(f"ablation: {ablation!r} must be a grid key; grid keys: {', '.join(keys)}")
 
+    paired = _parse_paired(data.get("paired"), axes)
+
     launcher = {k: data.get(k, v) for k, v in LAUNCHER_DEFAULTS.items()}
     timeout = data.get("timeout", DEFAULT_TIMEOUT)
     if not isinstance(timeout, int | float) or isinstance(timeout, bool) or timeout <= 0:
@@ -241,6 +244,7 @@ def parse_spec(data: Mapping[str, Any], default_name: str = "", source: str = ""
         overrides=tuple(overrides),
         exclude=tuple(exclude),
         ablation=ablation,
+        paired=paired,
         axis_labels=axis_labels,
         value_labels=value_labels,
         launcher=launcher,
@@ -248,6 +252,20 @@ def parse_spec(data: Mapping[str, Any], default_name: str = "", source: str = ""
         source=source,
         raw=dict(data),
     )
+
+
+def _parse_paired(value: Any, axes: Sequence[Axis]) -> tuple[str, str] | None:
+    """``paired: {key: method, reference: fedavg}``: compare every value of ``key`` with the reference, per seed."""
+    if value is None:
+        return None
+    item = _mapping(value, "paired")
+    if set(item) != {"key", "reference"}:
+        raise SweepError("paired: expected {key: <grid key>, reference: <one of its values>}")
+    _check_grid_match({str(item["key"]): item["reference"]}, axes, "paired")
+    key = str(item["key"])
+    if len(next(a for a in axes if a.key == key).values) < 2:
+        raise SweepError(f"paired: grid key {key!r} has a single value; nothing to compare with the reference")
+    return key, value_text(item["reference"])
 
 
 def _check_grid_match(match: Mapping[str, Any], axes: Sequence[Axis], where: str) -> None:
@@ -588,6 +606,7 @@ def sweep_manifest(spec: SweepSpec, cells: Sequence[Cell]) -> dict[str, Any]:
         "rows": list(spec.rows),
         "columns": list(spec.columns),
         "ablation": spec.ablation,
+        "paired": {"key": spec.paired[0], "reference": spec.paired[1]} if spec.paired else None,
         "seeds": list(spec.seeds),
         "axes": [
             {"key": a.key, "values": [value_text(v) for v in a.values], "bundle": a.is_bundle} for a in spec.axes
@@ -793,6 +812,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         spec = with_settings(load_spec(args.spec), args.set)
         if args.report_only:
+            sweep_dir = args.output.expanduser().resolve() / spec.name
+            if (sweep_dir / "sweep.json").is_file():  # the report's own keys (e.g. paired) may be newer
+                (sweep_dir / "sweep.json").write_text(json.dumps(sweep_manifest(spec, expand(spec)), indent=2))
             for path in report.write_report(args.output.expanduser().resolve() / spec.name):
                 print(f"[sweep] wrote {path}")
             return 0

@@ -65,8 +65,13 @@ def test_offline_wandb_history_holds_per_round_accuracy(redgrape_run: Path) -> N
 
 
 def test_failed_run_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """flwr run exits 0 on a failed run; the launcher must not."""
-    code = run_app(tmp_path, monkeypatch, f"dirichlet-alpha=-1.0 output-dir='{tmp_path / 'out'}'", num_clients=2)
+    """flwr run exits 0 on a failed run; the launcher must not.
+
+    The launcher's own config check is off, so the ServerApp's validation fails the run.
+    """
+    code = run_app(
+        tmp_path, monkeypatch, f"dirichlet-alpha=-1.0 output-dir='{tmp_path / 'out'}'", num_clients=2, validate=False
+    )
     assert code == 1
     assert not (tmp_path / "out").exists()
 

@@ -462,3 +462,56 @@ def test_notebook_renders_a_results_folder(fixture_sweep: Path, monkeypatch: pyt
     assert expected_entry(fixture_sweep, "fedprox", "100", "accuracy") in markdown
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) == 6
+
+
+# ------------------------------------------------------------ paired differences
+
+
+def last10(sweep_dir: Path, cell: str, metric: str) -> float | None:
+    path = sweep_dir / "runs" / cell / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines()][-10:]
+    return 100 * sum(r[metric] for r in rows) / len(rows)
+
+
+@pytest.fixture(scope="module")
+def paired_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("paired")
+    spec = small_spec(name="paired", paired={"key": "method", "reference": "fedavg"})
+    missing = "method-redgrape__imbalance-ratio-100__seed-2"
+    sweep.run_sweep(spec, out, runner=fake_runner(fail=lambda n: n == missing), log=quiet())
+    return out / "paired"
+
+
+@pytest.mark.parametrize(("stem", "metric"), [("table-paired", "accuracy"), ("table-tail-paired", "tail_accuracy")])
+def test_paired_differences_to_the_reference_per_seed(paired_sweep: Path, stem: str, metric: str) -> None:
+    lines = read_csv(paired_sweep / f"{stem}.csv")
+    assert lines[0] == ["method", "IR=10", "IR=100"]
+    assert [line[0] for line in lines[1:]] == ["FedProx", "RedGrape"]  # no row for the reference itself
+    for line, method in zip(lines[1:], ["fedprox", "redgrape"], strict=True):
+        for entry, ir in zip(line[1:], ("10", "100"), strict=True):
+            diffs = []
+            for seed in (0, 1, 2):
+                mine = last10(paired_sweep, f"method-{method}__imbalance-ratio-{ir}__seed-{seed}", metric)
+                ref = last10(paired_sweep, f"method-fedavg__imbalance-ratio-{ir}__seed-{seed}", metric)
+                if mine is not None and ref is not None:
+                    diffs.append(mine - ref)
+            mean = statistics.mean(diffs)
+            agree = sum((d > 0) if mean >= 0 else (d < 0) for d in diffs)
+            expected = f"{mean:+.2f} ± {statistics.stdev(diffs):.2f} ({agree}/{len(diffs)} {'>' if mean >= 0 else '<'} 0)"
+            if len(diffs) < 3:
+                expected += f" ({len(diffs)}/3 seeds paired)"
+            assert entry == expected
+    assert lines[2][2].endswith("(2/3 seeds paired)")
+    text = (paired_sweep / "table.md").read_text()
+    assert "## Paired differences to FedAvg+CE" in text
+
+
+def test_paired_needs_a_grid_key_and_one_of_its_values() -> None:
+    with pytest.raises(SweepError, match="paired: 'seed' is not a grid key"):
+        small_spec(paired={"key": "seed", "reference": 0})
+    with pytest.raises(SweepError, match="paired: 'fedadam' is not a value of grid key 'method'"):
+        small_spec(paired={"key": "method", "reference": "fedadam"})
+    with pytest.raises(SweepError, match="paired: expected"):
+        small_spec(paired={"key": "method"})
