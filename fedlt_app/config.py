@@ -96,7 +96,7 @@ SCHEMA: tuple[Option, ...] = (
         one_of("dirichlet", "dirichlet-per-class", "iid", "writers", "dir-balance"),
     ),
     Option("dirichlet-alpha", float, 1.0, "Dirichlet concentration (smaller = more non-iid)", at_least(0.0, strict=True)),
-    Option("model", str, "cnn", "network", one_of("cnn", "cnn-mcmahan", "resnet56")),
+    Option("model", str, "cnn", "network", one_of("cnn", "cnn-mcmahan", "resnet56", "cnn4conv")),
     Option("num-server-rounds", int, 15, "federated rounds", at_least(1)),
     Option("clients-per-round", int, 0, "clients sampled per round (0 = all)", at_least(0)),
     Option("local-epochs", int, 1, "local epochs per round", at_least(1)),
@@ -118,6 +118,10 @@ SCHEMA: tuple[Option, ...] = (
     Option("creff-feature-lr", float, 0.1, "CReFF: learning rate of the federated features", at_least(0.0, strict=True)),
     Option("creff-retrain-epochs", int, 300, "CReFF: classifier re-training epochs (batch 32, local lr)", at_least(1)),
     Option("rebalance-lambda", float, 0.1, "RedGrape's lambda: weight of the re-balancing step", at_least(0.0)),
+    Option("rebalance-step", str, "plain",
+           "RedGrape: plain (authors' code: an extra momentum-free step on W after the optimizer step) or "
+           "combined (the paper's Eq. 13: the re-balancing term joins W's gradient before clipping and SGD-momentum)",
+           one_of("plain", "combined")),
     Option("balance-threshold", int, 8, "RedGrape's T: real samples per class in the local balanced set", at_least(1)),
     Option("round-timeout", float, 3600.0, "seconds to wait for a round's replies; late clients count as failed",
            at_least(0.0, strict=True)),
@@ -209,6 +213,7 @@ class RunConfig:
     creff_feature_lr: float
     creff_retrain_epochs: int
     rebalance_lambda: float
+    rebalance_step: str
     balance_threshold: int
     round_timeout: float
     max_failure_fraction: float

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-MODELS = ("cnn", "cnn-mcmahan", "resnet56")
+MODELS = ("cnn", "cnn-mcmahan", "resnet56", "cnn4conv")
 
 
 class EncoderClassifier(nn.Module):
@@ -66,6 +66,21 @@ def _mcmahan_cnn_encoder(in_channels: int, image_size: int) -> tuple[nn.Module, 
         nn.ReLU(),
     )
     return encoder, 512
+
+
+def _cnn4conv_encoder(in_channels: int, image_size: int) -> tuple[nn.Module, int]:
+    """FairFAL's ``cnn4conv``: four [3x3 conv 64 (pad 1) -> BN -> ReLU -> 2x2 max-pool] blocks.
+
+    h is the flattened last block: 64·2·2 = 256 for 32x32 inputs, 64·1·1 = 64
+    for 28x28 (28 -> 14 -> 7 -> 3 -> 1); ~116k parameters for CIFAR-10.
+    """
+    layers: list[nn.Module] = []
+    channels, side = in_channels, image_size
+    for _ in range(4):
+        layers += [nn.Conv2d(channels, 64, 3, padding=1), nn.BatchNorm2d(64), nn.ReLU(inplace=True), nn.MaxPool2d(2)]
+        channels, side = 64, side // 2
+    layers.append(nn.Flatten())
+    return nn.Sequential(*layers), 64 * side * side
 
 
 class Bottleneck(nn.Module):
@@ -126,6 +141,11 @@ def build_model(name: str, num_classes: int, in_channels: int, image_size: int) 
         encoder, dim = _mcmahan_cnn_encoder(in_channels, image_size)
     elif name == "resnet56":
         encoder, dim = _resnet56_encoder(in_channels)
+    elif name == "cnn4conv":
+        encoder, dim = _cnn4conv_encoder(in_channels, image_size)
+        model = EncoderClassifier(encoder, dim, num_classes)
+        nn.init.zeros_(model.classifier.bias)  # as FairFAL's code
+        return model
     else:
         raise ValueError(f"model: unknown model {name!r}; allowed: {', '.join(MODELS)}")
     return EncoderClassifier(encoder, dim, num_classes)

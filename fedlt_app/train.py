@@ -9,8 +9,11 @@ method is running.  The hooks' forward passes run under the run's autocast
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -51,6 +54,49 @@ def proximal_term(params: list[Tensor], anchor: list[Tensor]) -> Tensor:
     return 0.5 * sum((p - a).pow(2).sum() for p, a in zip(params, anchor, strict=True))
 
 
+METHOD_STREAM = 0x6D657468  # "meth": tags the method stream's seed sequence
+HOOK_DROPOUT = 0x64726F70  # "drop": the hooks' global-RNG seed, from the method stream's
+
+
+def method_stream(generator: torch.Generator) -> torch.Generator:
+    """The method's own random stream, derived from (and independent of) the data stream's seed."""
+    seed = np.random.SeedSequence([generator.initial_seed(), METHOD_STREAM]).generate_state(1)[0]
+    return torch.Generator().manual_seed(int(seed))
+
+
+class HookRNG:
+    """A global-RNG stream of the method hooks' own (dropout in their forward passes).
+
+    Swapped in around each hook and out again, so a hook's forward pass in
+    training mode (RedGrape's balanced set) never shifts the dropout masks of
+    the shared training forward: every method draws the same masks per batch.
+    """
+
+    def __init__(self, seed: int, device: torch.device) -> None:
+        self.cuda = (device.index or 0) if device.type == "cuda" else None
+        with torch.random.fork_rng(devices=[] if self.cuda is None else [self.cuda]):
+            torch.manual_seed(seed)
+            self.state = self._get()
+
+    def _get(self) -> tuple[Tensor, Tensor | None]:
+        return torch.get_rng_state(), None if self.cuda is None else torch.cuda.get_rng_state(self.cuda)
+
+    def _set(self, state: tuple[Tensor, Tensor | None]) -> None:
+        torch.set_rng_state(state[0])
+        if self.cuda is not None and state[1] is not None:
+            torch.cuda.set_rng_state(state[1], self.cuda)
+
+    @contextlib.contextmanager
+    def active(self) -> Iterator[None]:
+        loop_state = self._get()
+        self._set(self.state)
+        try:
+            yield
+        finally:
+            self.state = self._get()
+            self._set(loop_state)
+
+
 def train_locally(
     model: EncoderClassifier,
     images: Tensor,
@@ -58,21 +104,28 @@ def train_locally(
     method: ClientMethod,
     setup: LocalTraining,
     generator: torch.Generator,
+    method_generator: torch.Generator | None = None,
 ) -> TrainStats:
     """Train ``model`` in place on one client's data; returns loss statistics.
 
     ``images`` are the client's uint8 images (augmented per batch, on the
-    model's device); ``generator`` drives shuffling and augmentation so a
-    (seed, round, client) triple always replays the same steps.
+    model's device). ``generator`` drives shuffling and augmentation only, so
+    a (seed, round, client) triple replays the same steps and *every method
+    sees the same batches* (runs of two methods with one seed are paired).
+    A method's own draws (balanced sets, its passes' augmentation and
+    dropout) come from ``method_generator``, by default derived from
+    ``generator``'s seed.
     """
     device = next(model.parameters()).device
+    method_generator = method_generator or method_stream(generator)
+    hook_rng = HookRNG(method_generator.initial_seed() ^ HOOK_DROPOUT, device)
     precision = precision_for(setup.precision, device)
     scaler = precision.grad_scaler()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=setup.lr, momentum=setup.momentum)
     anchor = [p.detach().clone() for p in params] if setup.prox_mu > 0 else []
-    with precision.autocast():
-        method.begin(model, images, labels, generator)
+    with precision.autocast(), hook_rng.active():
+        method.begin(model, images, labels, method_generator)
     model.train()
     total_loss, steps = 0.0, 0
     for _ in range(setup.epochs):
@@ -93,7 +146,7 @@ def train_locally(
                 scaler.unscale_(optimizer)
                 finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
             if finite:  # a step the scaler skips is skipped by the method too
-                with precision.autocast():
+                with precision.autocast(), hook_rng.active():
                     method.before_step(model)
             if setup.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(params, setup.grad_clip)

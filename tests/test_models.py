@@ -39,6 +39,9 @@ def _linear(d: int, c: int) -> int:
         ("cnn-mcmahan", 10, 1, 28, 1_663_370, 1_663_370 - _linear(512, 10), 512),
         ("resnet56", 10, 3, 32, 591_322, 588_752, 256),
         ("resnet56", 100, 3, 32, 614_452, 588_752, 256),
+        # FairFAL's cnn4conv: conv 3->64 (1,792) + 3 x conv 64->64 (36,928) + 4 x BN (128) = 113,088
+        ("cnn4conv", 10, 3, 32, 115_658, 113_088, 256),
+        ("cnn4conv", 10, 1, 28, 112_586, 113_088 - 2 * 9 * 64, 64),
     ],
 )
 def test_parameter_counts_match_the_paper(name, classes, channels, size, total, encoder, dim) -> None:
@@ -59,7 +62,8 @@ def test_count_parameters_skips_frozen_parameters() -> None:
 
 @pytest.mark.parametrize(
     ("name", "classes", "channels", "size"),
-    [("cnn", 10, 1, 28), ("cnn-mcmahan", 10, 1, 28), ("resnet56", 10, 3, 32), ("resnet56", 100, 3, 32)],
+    [("cnn", 10, 1, 28), ("cnn-mcmahan", 10, 1, 28), ("resnet56", 10, 3, 32), ("resnet56", 100, 3, 32),
+     ("cnn4conv", 10, 3, 32), ("cnn4conv", 10, 1, 28)],
 )
 def test_forward_shapes_and_encoder_classifier_split(name, classes, channels, size) -> None:
     torch.manual_seed(0)
@@ -92,7 +96,16 @@ def test_reddi_cnn_features_come_after_the_dropouts() -> None:
 
 
 def test_models_list_is_the_buildable_set() -> None:
-    assert set(MODELS) == {"cnn", "cnn-mcmahan", "resnet56"}
+    assert set(MODELS) == {"cnn", "cnn-mcmahan", "resnet56", "cnn4conv"}
+
+
+def test_cnn4conv_blocks_and_zero_bias() -> None:
+    model = build_model("cnn4conv", 10, 3, 32)
+    kinds = [type(m).__name__ for m in model.encoder.children()]
+    assert kinds == ["Conv2d", "BatchNorm2d", "ReLU", "MaxPool2d"] * 4 + ["Flatten"]
+    convs = [m for m in model.encoder.children() if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.kernel_size == (3, 3) and c.padding == (1, 1) and c.out_channels == 64 for c in convs)
+    assert torch.equal(model.classifier.bias, torch.zeros(10))
 
 
 def test_unknown_model_raises_value_error_naming_the_key() -> None:

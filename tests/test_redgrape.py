@@ -20,7 +20,7 @@ from fedlt_app.methods.redgrape import (
     two_head_logits,
 )
 from fedlt_app.models import EncoderClassifier
-from fedlt_app.train import LocalTraining, train_locally
+from fedlt_app.train import LocalTraining, method_stream, train_locally
 
 NUM_CLASSES = 4
 
@@ -117,13 +117,13 @@ def test_one_local_step_matches_an_independent_computation() -> None:
     train_locally(model, images, labels, method,
                   LocalTraining(1, 64, cfg.local_lr, 0.9, cfg.grad_clip, 0.0, "fmnist"), generator)
 
-    # Replay the generator: prototypes (no randomness for fmnist), balanced draws, then the batch order.
-    replay = torch.Generator().manual_seed(5)
+    # Replay the streams: the balanced draws come from the method's own stream, the batch order from the data's.
+    method_replay = method_stream(torch.Generator().manual_seed(5))
     sufficient = [0, 1]
-    picks = [(labels == c).nonzero().flatten()[torch.randperm(int((labels == c).sum()), generator=replay)[:2]]
+    picks = [(labels == c).nonzero().flatten()[torch.randperm(int((labels == c).sum()), generator=method_replay)[:2]]
              for c in sufficient]
     balanced = torch.cat(picks)
-    order = torch.randperm(len(labels), generator=replay)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(5))
 
     x = images[order].float() / 255
     y = labels[order]
@@ -153,6 +153,70 @@ def test_one_local_step_matches_an_independent_computation() -> None:
 
     for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def reference_redgrape(model, images, labels, payload, cfg, batch_size: int, seed: int) -> None:  # type: ignore[no-untyped-def]
+    """RedGrape's local training written out independently: Eq. 7 loss, Eq. 12 mixing, norm matching,
+    global clipping, SGD-momentum by hand, and the re-balancing either as the authors' extra step (plain)
+    or inside W's gradient (combined, Eq. 13). Classes 0, 1 local (T=2), class 3 from the prototypes."""
+    method_gen = method_stream(torch.Generator().manual_seed(seed))
+    picks = [(labels == c).nonzero().flatten()[torch.randperm(int((labels == c).sum()), generator=method_gen)[:2]]
+             for c in (0, 1)]
+    balanced = torch.cat(picks)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))
+    head, params = model.classifier, list(model.parameters())
+    buffers: dict[int, torch.Tensor] = {}
+    lam, lr = cfg.rebalance_lambda, cfg.local_lr
+    for batch in order.split(batch_size):
+        loss = F.cross_entropy(two_head_logits(model, images[batch].float() / 255), labels[batch])
+        grads = dict(zip([id(p) for p in params], torch.autograd.grad(loss, params), strict=True))
+        with torch.no_grad():
+            h_bal = model.encoder(images[balanced].float() / 255)
+        gw, gb = torch.autograd.grad(F.cross_entropy(head(h_bal), labels[balanced]), [head.weight, head.bias])
+        g_w = (2 * gw + 2 * torch.from_numpy(payload["proto-weight"][[3]]).mean(0)) / NUM_CLASSES
+        g_b = (2 * gb + 2 * torch.from_numpy(payload["proto-bias"][[3]]).mean(0)) / NUM_CLASSES
+        g_w = g_w * grads[id(head.weight)].norm() / g_w.norm()
+        g_b = g_b * grads[id(head.bias)].norm() / g_b.norm()
+        if cfg.rebalance_step == "combined":
+            grads[id(head.weight)] = grads[id(head.weight)] + lam * g_w
+            grads[id(head.bias)] = grads[id(head.bias)] + lam * g_b
+        total_norm = torch.sqrt(sum(g.pow(2).sum() for g in grads.values()))
+        clip = min(1.0, cfg.grad_clip / (float(total_norm) + 1e-6))
+        with torch.no_grad():
+            for p in params:
+                g = clip * grads[id(p)]
+                buffers[id(p)] = g if id(p) not in buffers else 0.9 * buffers[id(p)] + g
+                p -= lr * buffers[id(p)]
+            if cfg.rebalance_step == "plain":
+                head.weight -= lr * lam * g_w
+                head.bias -= lr * lam * g_b
+
+
+@pytest.mark.parametrize("step", ["plain", "combined"])
+def test_rebalance_step_follows_the_code_or_the_papers_equation(step: str) -> None:
+    cfg = config(**{"grad-clip": 0.7, "rebalance-step": step})
+    model = tiny_model()
+    images, labels = tiny_data([6, 3, 1, 0])
+    payload = prototype_payload(known=(True, True, False, True))
+    reference = copy.deepcopy(model)
+    train_locally(model, images, labels, RedGrapeClient(cfg, NUM_CLASSES, payload),
+                  LocalTraining(1, 4, cfg.local_lr, 0.9, cfg.grad_clip, 0.0, "fmnist"), torch.Generator().manual_seed(5))
+    reference_redgrape(reference, images, labels, payload, cfg, batch_size=4, seed=5)  # 3 steps, momentum at work
+    for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_combined_and_plain_steps_differ_with_momentum() -> None:
+    images, labels = tiny_data([6, 3, 1, 0])
+    payload = prototype_payload(known=(True, True, False, True))
+    weights = []
+    for step in ("plain", "combined"):
+        cfg = config(**{"rebalance-step": step})
+        model = tiny_model()
+        train_locally(model, images, labels, RedGrapeClient(cfg, NUM_CLASSES, payload),
+                      LocalTraining(1, 4, cfg.local_lr, 0.9, 0.0, 0.0, "fmnist"), torch.Generator().manual_seed(5))
+        weights.append(model.classifier.weight.detach().clone())
+    assert not torch.allclose(weights[0], weights[1])
 
 
 class PlainTwoHead(ClientMethod):

@@ -1,0 +1,94 @@
+"""Runs of two methods with one seed are paired: same data, initialisation, batches, augmentation, dropout."""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+import torch
+
+from fedlt_app.config import resolve
+from fedlt_app.methods import METHODS, get_method
+from fedlt_app.models import build_model
+from fedlt_app.train import LocalTraining, train_locally
+
+NUM_CLASSES = 10
+EXTRA = {"fedprox": {"prox-mu": 0.01}}
+
+
+def payload_for(method: str) -> dict[str, np.ndarray]:
+    """What the server would send in a later round, so every method's hooks do their full work."""
+    rng = np.random.default_rng(0)
+    if method == "redgrape":
+        return {"proto-weight": rng.normal(size=(NUM_CLASSES, NUM_CLASSES, 128)).astype(np.float32),
+                "proto-bias": rng.normal(size=(NUM_CLASSES, NUM_CLASSES)).astype(np.float32),
+                "proto-mask": np.ones(NUM_CLASSES, dtype=bool)}
+    if method == "ratio-loss":
+        return {"class-weights": rng.uniform(1, 2, NUM_CLASSES).astype(np.float32)}
+    if method == "creff":
+        return {"creff-weight": rng.normal(size=(NUM_CLASSES, 128)).astype(np.float32),
+                "creff-bias": rng.normal(size=NUM_CLASSES).astype(np.float32)}
+    return {}
+
+
+@functools.lru_cache(maxsize=1)
+def fedavg_sees() -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    return what_training_sees("fedavg")
+
+
+def what_training_sees(method: str) -> tuple[list[torch.Tensor], list[torch.Tensor], list[torch.Tensor]]:
+    """Inputs, labels and dropout RNG states of every training forward of one client's round (CIFAR-shaped,
+    so augmentation is random)."""
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(torch.tensor([12, 10, 9, 8, 6, 5, 3, 2, 1, 0][:NUM_CLASSES]))
+    images = torch.randint(0, 256, (len(labels), 3, 32, 32), generator=g, dtype=torch.uint8)
+    torch.manual_seed(3)
+    model = get_method(method).extend_model(build_model("cnn", NUM_CLASSES, 3, 32))
+    cfg = resolve({"method": method, "dataset": "cifar10", "balance-threshold": 2, **EXTRA.get(method, {})})
+    client = get_method(method).client(cfg, NUM_CLASSES, payload_for(method))
+    inputs, targets, masks = [], [], []
+    in_loss = False
+    original_loss = client.loss
+
+    def spy(model, x, y):  # type: ignore[no-untyped-def]
+        nonlocal in_loss
+        inputs.append(x.clone())
+        targets.append(y.clone())
+        in_loss = True
+        try:
+            return original_loss(model, x, y)
+        finally:
+            in_loss = False
+
+    client.loss = spy  # type: ignore[method-assign]
+    for module in model.encoder.modules():
+        if isinstance(module, torch.nn.Dropout):
+            # same global RNG state at every training dropout call = the same masks
+            module.register_forward_pre_hook(lambda m, i: masks.append(torch.get_rng_state()) if in_loss else None)
+    setup = LocalTraining(epochs=2, batch_size=16, lr=0.05, momentum=0.9, grad_clip=1.0, prox_mu=cfg.prox_mu,
+                          dataset="cifar10")
+    torch.manual_seed(11)  # the client app seeds dropout from (seed, round, client)
+    train_locally(model, images, labels, client, setup, torch.Generator().manual_seed(11))
+    return inputs, targets, masks
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m != "fedavg"])
+def test_every_method_sees_fedavgs_batches_augmentation_and_dropout(method: str) -> None:
+    reference = fedavg_sees()
+    seen = what_training_sees(method)
+    assert len(seen[0]) == len(reference[0]) == 8  # 2 epochs x ceil(56 / 16)
+    for got, want in zip(seen, reference, strict=True):
+        assert len(got) == len(want)
+        for a, b in zip(got, want, strict=True):
+            assert torch.equal(a, b)
+
+
+def test_initial_encoder_and_classifier_are_shared() -> None:
+    models = {}
+    for method in METHODS:
+        torch.manual_seed(5)
+        models[method] = get_method(method).extend_model(build_model("cnn", NUM_CLASSES, 1, 28)).state_dict()
+    for method, state in models.items():
+        for key, value in models["fedavg"].items():
+            assert torch.equal(state[key], value), (method, key)
