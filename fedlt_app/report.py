@@ -320,6 +320,53 @@ def table(res: SweepResults, metric: str = "accuracy") -> list[list[str]]:
     return lines
 
 
+def last10_drift(rounds: Sequence[dict[str, Any]], metric: str, window: int = LAST_ROUNDS) -> float | None:
+    """How far the last-10 mean moved over the run's final 10 rounds: mean(last 10) − mean(the 10 before).
+
+    The convergence test of a protocol: a run has converged when adding ten
+    more rounds moves this by less than a point. None for runs shorter than 2 windows.
+    """
+    values = [r.get(metric) for r in rounds]
+    if len(values) < 2 * window or any(v is None for v in values[-2 * window :]):
+        return None
+    return (sum(values[-window:]) - sum(values[-2 * window : -window])) / window
+
+
+def plateau_round(rounds: Sequence[dict[str, Any]], metric: str, tolerance: float = 0.01,
+                  window: int = LAST_ROUNDS) -> int | None:
+    """The smallest N from which the last-10 mean at N and at N+10 stay within ``tolerance`` for every later N.
+
+    None if even the run's last comparable N moves by more (the run has not converged).
+    """
+    values = [r.get(metric) for r in rounds]
+    if any(v is None for v in values):
+        return None
+    means = {n: sum(values[n - window : n]) / window for n in range(window, len(values) + 1)}
+    candidates = [n for n in means if n + window in means]
+    plateau = None
+    for n in reversed(candidates):
+        if abs(means[n + window] - means[n]) >= tolerance:
+            break
+        plateau = n
+    return plateau
+
+
+def convergence_table(res: SweepResults) -> list[list[str]]:
+    """Per run: rounds, last-10 drift over the final 10 rounds, and the plateau round, balanced and tail."""
+    lines = [["run", "rounds", "last-10 drift, balanced (points)", "last-10 drift, tail (points)",
+              "plateau N, balanced", "plateau N, tail"]]
+    for name, run in res.runs.items():
+        cells = [name, str(len(run.rounds))]
+        for metric in ("accuracy", "tail_accuracy"):
+            drift = last10_drift(run.rounds, metric)
+            cells.append("—" if drift is None else f"{100 * drift:+.2f}")
+        for metric in ("accuracy", "tail_accuracy"):
+            n = plateau_round(run.rounds, metric)
+            cells.append("not reached" if n is None else str(n))
+        lines.append(cells)
+    return lines
+
+
 def paired_reference(res: SweepResults) -> tuple[str, str] | None:
     """The sweep's ``paired`` (grid key, reference value), if it names one."""
     paired = res.meta.get("paired")
@@ -414,6 +461,14 @@ def markdown(res: SweepResults) -> str:
         )
         for metric in PAIRED_METRICS:
             parts.append(f"### {metric.title}\n\n{markdown_table(paired_table(res, metric.key))}")
+    if any(len(run.rounds) >= 2 * LAST_ROUNDS for run in res.runs.values()):
+        parts.append(
+            "## Convergence\n\n"
+            f"Last-{LAST_ROUNDS} drift: a run's mean over its final {LAST_ROUNDS} rounds minus the mean over the "
+            f"{LAST_ROUNDS} before (in points): what ten more rounds moved the table's entry. Plateau N: the smallest "
+            f"N from which the last-{LAST_ROUNDS} mean at N and at N+{LAST_ROUNDS} stay within one point for every "
+            f"later N of the run.\n\n" + markdown_table(convergence_table(res))
+        )
     unfinished = {n: s for n, s in res.status.items() if s != "completed"}
     if unfinished:
         parts.append("## Unfinished cells\n\n" + "\n".join(f"- `{n}`: {s}" for n, s in unfinished.items()))

@@ -8,13 +8,29 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from fedlt_app.config import ConfigError, RunConfig
 
 LAST_ROUNDS = 10  # the paper reports the mean over the last 10 rounds
+# A list of numbers as json.dumps indents it: its line breaks cannot be inside a string (those are escaped).
+_FLAT_LIST = re.compile(r"\[\n([^\[\]{}\"]*)\n\s*\]")
+
+
+def json_text(obj: Any) -> str:
+    """Indented JSON with each list of numbers on one line.
+
+    ``client_class_counts`` holds clients × classes numbers; one per line
+    would make config.json thousands of lines long, one client per line reads
+    like the matrix it is.
+    """
+    return _FLAT_LIST.sub(lambda m: "[" + " ".join(m.group(1).split()) + "]", json.dumps(obj, indent=2))
 
 
 def run_directory(cfg: RunConfig, run_id: int) -> Path:
@@ -25,19 +41,33 @@ def run_directory(cfg: RunConfig, run_id: int) -> Path:
     return run_dir
 
 
-def federation_info(num_clients: int, class_counts: list[int], client_indices: list, tail: list[int],
-                    run_id: int) -> dict[str, Any]:
+def federation_info(num_clients: int, class_counts: Sequence[int], client_indices: Sequence[np.ndarray],
+                    labels: np.ndarray, tail: list[int], run_id: int) -> dict[str, Any]:
     """The facts of a run's federation that config.json keeps next to the run config.
 
     Recorded so a result can be read without re-deriving the long-tail cut and the partition.
+    ``labels`` are the data set's training labels, which ``client_indices`` index.
     """
     return {
         "num_clients": num_clients,
         "class_counts": list(class_counts),
         "client_sizes": [len(idx) for idx in client_indices],
+        "client_class_counts": client_class_counts(client_indices, labels, len(class_counts)),
         "tail_classes": tail,
         "flower_run_id": run_id,
     }
+
+
+def client_class_counts(client_indices: Sequence[np.ndarray], labels: np.ndarray, num_classes: int) -> list[list[int]]:
+    """Training samples of each class per client (clients × classes), the matrix a split's figure shows.
+
+    Every partition gives each sample of the long-tailed set to exactly one
+    client, so the columns sum to ``class_counts``. For a node training on its
+    own files (``local-data``) it is, like ``client_sizes``, the partition the
+    run config describes, not the node's files.
+    """
+    return [np.bincount(labels[np.asarray(idx, dtype=np.int64)], minlength=num_classes).tolist()
+            for idx in client_indices]
 
 
 def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
@@ -55,19 +85,46 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-class RunRecorder:
-    """Writes one run's results; a context manager so W&B is always closed."""
+def draw_pictures(run_dir: Path, log: Callable[[str], None] = print) -> list[Path]:
+    """The run's pictures (see :mod:`fedlt_app.run_plots`); never raises.
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, info: dict[str, Any], resume_after: int | None = None) -> None:
+    A finished run's results are on disk before this is called, so a plotting
+    error must not turn a completed run into a failed one: it is logged instead.
+    """
+    try:
+        from fedlt_app.run_plots import draw_run  # matplotlib only when a run ends
+
+        return draw_run(run_dir, log=log)
+    except Exception as err:  # noqa: BLE001 - any plotting error: the results stand without pictures
+        log(f"[fedlt] pictures skipped: {type(err).__name__}: {err}")
+        return []
+
+
+def pictures_line(paths: Sequence[Path]) -> str:
+    """'<run_dir>/curves.png, per_class.png, partition.png': where a run's pictures are, in one line."""
+    return ", ".join([str(paths[0]), *(p.name for p in paths[1:])]) if paths else "none"
+
+
+class RunRecorder:
+    """Writes one run's results; a context manager so W&B is always closed.
+
+    ``pictures=False`` skips drawing the run's pictures when it finishes (for
+    tests that write many runs; ``fedlt-report`` draws them later).
+    """
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, info: dict[str, Any], resume_after: int | None = None,
+                 pictures: bool = True) -> None:
         self.cfg = cfg
         self.run_dir = run_dir
         self.rounds: list[dict[str, Any]] = []
         self.status = "running"
+        self.draw = pictures
+        self.pictures: list[Path] = []  # written by finish()
         run_dir.mkdir(parents=True, exist_ok=True)
         if resume_after is not None:
             self.rounds = self._rounds_up_to(resume_after)
         self.config = {"run_config": cfg.as_dict(), **info}
-        (run_dir / "config.json").write_text(json.dumps(self.config, indent=2))
+        (run_dir / "config.json").write_text(json_text(self.config))
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._wandb = self._start_wandb() if cfg.wandb_mode != "disabled" else None
 
@@ -96,7 +153,7 @@ class RunRecorder:
             name=self.run_dir.name,
             dir=str(self.run_dir),
             mode=self.cfg.wandb_mode,
-            config=self.config,
+            config={k: v for k, v in self.config.items() if k != "client_class_counts"},  # a table, not a setting
         )
 
     def __enter__(self) -> RunRecorder:
@@ -122,9 +179,11 @@ class RunRecorder:
         self._metrics.close()
         self.summary = {"status": status, **summarize(self.rounds), "config": self.config}
         tmp = self.run_dir / "summary.json.tmp"
-        tmp.write_text(json.dumps(self.summary, indent=2))
+        tmp.write_text(json_text(self.summary))
         tmp.replace(self.run_dir / "summary.json")
         if self._wandb is not None:
             self._wandb.summary.update({k: v for k, v in self.summary.items() if k != "config"})
             self._wandb.finish(exit_code=0 if status == "completed" else 1)
+        if self.draw and self.rounds:  # completed or failed: whatever rounds were evaluated
+            self.pictures = draw_pictures(self.run_dir)
         return self.summary

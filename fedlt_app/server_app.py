@@ -25,7 +25,7 @@ from fedlt_app.data import tail_classes
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
 from fedlt_app.precision import precision_for
-from fedlt_app.results import RunRecorder, federation_info, run_directory
+from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.task import federated_data, initial_model, resolve_device
 
@@ -129,7 +129,8 @@ def main(grid: Grid, context: Context) -> None:
         log(INFO, "[fedlt] resuming %s after round %d", run_dir, done)
     else:
         run_dir = run_directory(cfg, context.run_id)
-    info = federation_info(num_clients, data.class_counts, data.client_indices, tail, context.run_id)
+    info = federation_info(num_clients, data.class_counts, data.client_indices, data.dataset.train_labels.numpy(),
+                           tail, context.run_id)
     log(INFO, "[fedlt] results -> %s", run_dir)
 
     with RunRecorder(cfg, run_dir, info, resume_after=done if cfg.resume_from else None) as recorder:
@@ -176,3 +177,5 @@ def main(grid: Grid, context: Context) -> None:
     log(INFO, "[fedlt] done: final accuracy %.4f, last-10 %.4f, tail last-10 %.4f -> %s",
         summary.get("final_accuracy", float("nan")), summary.get("last10_accuracy", float("nan")),
         summary.get("last10_tail_accuracy", float("nan")), run_dir)
+    if recorder.pictures:
+        log(INFO, "[fedlt] pictures: %s", pictures_line(recorder.pictures))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from app_runs import run_app
+from fedlt_app.precision import cpu_has_native_bf16
 from wandb_reader import logged_history
 
 ROUNDS = 3
@@ -105,3 +106,21 @@ def test_every_method_runs_through_the_engine(
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["few_shot_accuracy"] is not None and "many_shot_accuracy" in r for r in rows)
     summary = json.loads((tmp_path / "out" / "m" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["config"]["run_config"]["method"] == method
+
+
+@pytest.mark.skipif(not cpu_has_native_bf16(),
+                    reason="precision='bf16' needs a CPU with AVX-512 BF16 or AMX; this one would only emulate it")
+def test_bf16_run_through_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A short RedGrape run in bf16: it trains (above chance) and records its precision."""
+    code = run_app(
+        tmp_path,
+        monkeypatch,
+        f"method='redgrape' precision='bf16' rebalance-step='combined' num-server-rounds=2 samples-per-class=60 "
+        f"imbalance-ratio=10.0 output-dir='{tmp_path / 'out'}' run-name='bf16'",
+        num_clients=2,
+    )
+    assert code == 0
+    run_dir = tmp_path / "out" / "bf16"
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["accuracy"] > 0.15
+    assert json.loads((run_dir / "config.json").read_text())["run_config"]["precision"] == "bf16"

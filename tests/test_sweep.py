@@ -515,3 +515,15 @@ def test_paired_needs_a_grid_key_and_one_of_its_values() -> None:
         small_spec(paired={"key": "method", "reference": "fedadam"})
     with pytest.raises(SweepError, match="paired: expected"):
         small_spec(paired={"key": "method"})
+
+
+def test_last10_drift_and_plateau_round() -> None:
+    rising = [{"accuracy": min(0.9, 0.1 * r)} for r in range(1, 41)]  # climbs to 0.9 at round 9, then flat
+    assert report.last10_drift(rising, "accuracy") == pytest.approx(0.0)
+    assert report.last10_drift(rising[:15], "accuracy") is None  # shorter than two windows
+    # last-10 mean at N (rounds N-9..N) vs N+10: equal from N = 18 (both windows flat at 0.9), and within
+    # one point from N = 17 (0.89 vs 0.90); at N = 16 they differ by 0.03
+    assert report.plateau_round(rising, "accuracy") == 17
+    wobbly = rising + [{"accuracy": 0.5}] * 10
+    assert report.plateau_round(wobbly, "accuracy") is None
+    assert report.last10_drift(wobbly, "accuracy") == pytest.approx(-0.4)

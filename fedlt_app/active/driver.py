@@ -36,7 +36,7 @@ from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.records import content_nbytes
-from fedlt_app.results import RunRecorder, federation_info, run_directory
+from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
 from fedlt_app.precision import Precision, precision_for
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.task import federated_data, resolve_device
@@ -147,7 +147,8 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     plan = _plan(cfg, data, num_clients)
     tail = tail_classes(data.class_counts)
     test_images, test_labels = data.test_data()
-    info = {**federation_info(num_clients, data.class_counts, data.client_indices, tail, context.run_id),
+    info = {**federation_info(num_clients, data.class_counts, data.client_indices, data.dataset.train_labels.numpy(),
+                              tail, context.run_id),
             "active_learning": plan.as_dict()}
     default_name = f"{cfg.al_method}-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{context.run_id}"
     run_dir = run_directory(cfg if cfg.run_name else replace(cfg, run_name=default_name), context.run_id)
@@ -210,6 +211,8 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     summary = recorder.summary
     log(INFO, "[fedlt-al] done: final accuracy %.4f, mean over cycles %.4f -> %s",
         summary["final_accuracy"], summary["last10_accuracy"], run_dir)
+    if recorder.pictures:
+        log(INFO, "[fedlt-al] pictures: %s", pictures_line(recorder.pictures))
 
 
 def _train_cycle(
