@@ -65,12 +65,15 @@ def train(msg: Message, context: Context) -> Message:
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)  # shuffling, augmentation, balanced draws
     method = get_method(cfg.method).client(cfg, data.num_classes, record_to_payload(msg.content.get(METHOD_KEY)))
+    started = time.perf_counter()
     stats = train_locally(model, images, labels, method, LocalTraining.from_config(cfg), generator)
+    train_seconds = time.perf_counter() - started
 
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.state_dict()),
-            "metrics": MetricRecord({"num-examples": stats.num_examples, "train-loss": stats.mean_loss}),
+            "metrics": MetricRecord({"num-examples": stats.num_examples, "train-loss": stats.mean_loss,
+                                     "train-seconds": train_seconds}),
         }
     )
     report = method.report()

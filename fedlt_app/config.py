@@ -116,7 +116,10 @@ SCHEMA: tuple[Option, ...] = (
     Option("creff-features-per-class", int, 100, "CReFF: federated features per class", at_least(1)),
     Option("creff-match-steps", int, 100, "CReFF: feature-matching steps per round", at_least(1)),
     Option("creff-feature-lr", float, 0.1, "CReFF: learning rate of the federated features", at_least(0.0, strict=True)),
-    Option("creff-retrain-epochs", int, 300, "CReFF: classifier re-training epochs (batch 32, local lr)", at_least(1)),
+    Option("creff-retrain-epochs", int, 300, "CReFF: classifier re-training epochs (batch 32, at creff-retrain-lr)",
+           at_least(1)),
+    Option("creff-retrain-lr", float, 0.01, "CReFF: learning rate of the classifier re-training (official lr_net)",
+           at_least(0.0, strict=True)),
     Option("rebalance-lambda", float, 0.1, "RedGrape's lambda: weight of the re-balancing step", at_least(0.0)),
     Option("rebalance-step", str, "plain",
            "RedGrape: plain (authors' code: an extra momentum-free step on W after the optimizer step) or "
@@ -212,6 +215,7 @@ class RunConfig:
     creff_match_steps: int
     creff_feature_lr: float
     creff_retrain_epochs: int
+    creff_retrain_lr: float
     rebalance_lambda: float
     rebalance_step: str
     balance_threshold: int

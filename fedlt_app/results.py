@@ -19,6 +19,8 @@ import numpy as np
 from fedlt_app.config import ConfigError, RunConfig
 
 LAST_ROUNDS = 10  # the paper reports the mean over the last 10 rounds
+# metrics.jsonl fields that are wall-clock measurements: the only ones two runs of one seed may differ in.
+TIMING_FIELDS = ("round_seconds", "evaluate_seconds", "client_train_seconds")
 # A list of numbers as json.dumps indents it: its line breaks cannot be inside a string (those are escaped).
 _FLAT_LIST = re.compile(r"\[\n([^\[\]{}\"]*)\n\s*\]")
 

@@ -140,6 +140,7 @@ def main(grid: Grid, context: Context) -> None:
             if current is None:  # Flower's round-0 call: the initial (or resumed) model, not a round
                 return None
             model.load_state_dict(arrays.to_torch_state_dict())
+            evaluation_started = time.perf_counter()
             result = evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels,
                               cfg.dataset, tail, data.class_counts, precision=precision)
             record = {
@@ -147,6 +148,8 @@ def main(grid: Grid, context: Context) -> None:
                 **result.as_dict(),
                 "train_loss": current.train_loss,
                 "round_seconds": time.perf_counter() - current.started,
+                "evaluate_seconds": time.perf_counter() - evaluation_started,
+                "client_train_seconds": current.client_train_seconds,
                 "bytes_up": current.bytes_up,
                 "bytes_down": current.bytes_down,
                 "parameters_up": current.parameters_up,

@@ -112,6 +112,7 @@ class RoundLog:
     parameters_up: int = 0
     failed: list[int] = field(default_factory=list)
     train_loss: float | None = None
+    client_train_seconds: list[float] = field(default_factory=list)  # local training alone, per client
 
 
 def average_buffers(arrays: ArrayRecord, replies: list[Message]) -> None:
@@ -205,6 +206,8 @@ class FedLTStrategy(Strategy):
             num_examples = int(reply.content["metrics"]["num-examples"])
             reports.append(ClientReport(partition_id, num_examples, record_to_payload(extra)))
         losses = [float(r.content["metrics"]["train-loss"]) for r in succeeded]
+        current.client_train_seconds = [float(r.content["metrics"].get("train-seconds", float("nan")))
+                                        for r in succeeded]
         current.train_loss = float(np.average(losses, weights=[r.num_examples for r in reports]))
         weights = self.server_method.aggregation_weights(server_round, reports)
         if weights is not None:

@@ -499,7 +499,7 @@ def test_creff_feature_matching_lowers_the_matching_loss() -> None:
 
 
 def test_creff_retrained_classifier_fits_the_federated_features_with_their_labels() -> None:
-    server, _ = creff_server(creff_config(**{"creff-retrain-epochs": 30}))
+    server, _ = creff_server(creff_config(**{"creff-retrain-epochs": 300}))  # official crt_epoch, at lr_net 0.01
     per_class = server.cfg.creff_features_per_class
     with torch.no_grad():  # well-separated clusters, class c around 4·e_c
         centres = 4.0 * torch.eye(D)[:C].repeat_interleave(per_class, dim=0)
@@ -525,12 +525,12 @@ def creff_reports(model: EncoderClassifier, payload: dict[str, np.ndarray]) -> l
 def test_creff_server_evaluates_the_global_encoder_with_the_retrained_classifier() -> None:
     server, model = creff_server()
     before = copy.deepcopy(model.state_dict())
-    assert server.broadcast(1, model) == {}
+    first = server.broadcast(1, model)  # round 1 already sends the (fresh) matching head
     evaluated = server.evaluation_model(model)
     for key, value in evaluated.state_dict().items():  # nothing re-trained yet: the global model itself
         assert torch.equal(value, before[key]), key
 
-    server.absorb(1, creff_reports(model, {}))
+    server.absorb(1, creff_reports(model, first))
     evaluated = server.evaluation_model(model)
     assert evaluated is not model
     assert torch.equal(evaluated.classifier.weight, server.classifier.weight)
@@ -549,6 +549,116 @@ def test_creff_server_evaluates_the_global_encoder_with_the_retrained_classifier
     assert set(payload) == {"creff-weight", "creff-bias"}
     np.testing.assert_array_equal(payload["creff-weight"], server.classifier.weight.detach().numpy())
     np.testing.assert_array_equal(payload["creff-bias"], server.classifier.bias.detach().numpy())
+
+
+def test_creff_round_1_matches_at_exactly_the_head_the_clients_computed_gradients_at(monkeypatch) -> None:
+    """The official code shares one fresh nn.Linear between the clients' real gradients and the server's matching
+    in round 1; the server must not match at a head the clients never saw (e.g. its own while they use the global
+    model's classifier)."""
+    import fedlt_app.methods.creff as creff_module
+
+    server, model = creff_server()
+    with torch.no_grad():  # a global classifier that differs from the server's fresh head
+        model.classifier.weight.copy_(torch.arange(C * D, dtype=torch.float32).reshape(C, D) / 10)
+        model.classifier.bias.copy_(torch.tensor([0.5, -0.5, 0.25]))
+    server_head = copy.deepcopy(server.classifier.state_dict())
+    assert not torch.equal(server_head["weight"], model.classifier.weight.detach())
+
+    client_heads, matching_heads = [], []
+    real_prototypes, real_class_gradient = creff_module.gradient_prototypes, creff_module.class_gradient
+
+    def spy_prototypes(features, labels, head):  # type: ignore[no-untyped-def]
+        client_heads.append({k: v.detach().clone() for k, v in head.state_dict().items()})
+        return real_prototypes(features, labels, head)
+
+    def spy_class_gradient(head, features, label):  # type: ignore[no-untyped-def]
+        matching_heads.append({k: v.detach().clone() for k, v in head.state_dict().items()})
+        return real_class_gradient(head, features, label)
+
+    monkeypatch.setattr(creff_module, "gradient_prototypes", spy_prototypes)
+    monkeypatch.setattr(creff_module, "class_gradient", spy_class_gradient)
+
+    payload = record_to_payload(payload_to_record(server.broadcast(1, model)))  # the wire format
+    assert set(payload) == {"creff-weight", "creff-bias"}
+    reports = creff_reports(model, payload)
+    assert len(client_heads) == 2
+    server.absorb(1, reports)
+    assert len(matching_heads) == server.cfg.creff_match_steps * C
+    for head in client_heads + matching_heads:
+        assert torch.equal(head["weight"], server_head["weight"])
+        assert torch.equal(head["bias"], server_head["bias"])
+    # and the reported real gradients are the analytic CE gradients at that head
+    images, labels = images_labels([6, 4, 0], seed=20)
+    h, y = features_of(images), labels.numpy()
+    w, b = server_head["weight"].double().numpy(), server_head["bias"].double().numpy()
+    for row, c in enumerate(reports[0].payload["creff-classes"].tolist()):
+        gw, gb = np_ce_grads(h[y == c], y[y == c], w, b)
+        np.testing.assert_allclose(reports[0].payload["creff-weight"][row], gw, rtol=1e-4, atol=1e-6)
+        np.testing.assert_allclose(reports[0].payload["creff-bias"][row], gb, rtol=1e-4, atol=1e-6)
+
+    # round 2: the re-trained classifier, again on both sides
+    client_heads.clear(), matching_heads.clear()
+    retrained = copy.deepcopy(server.classifier.state_dict())
+    assert not torch.equal(retrained["weight"], server_head["weight"])
+    payload = server.broadcast(2, model)
+    np.testing.assert_array_equal(payload["creff-weight"], retrained["weight"].numpy())
+    server.absorb(2, creff_reports(model, payload))
+    for head in client_heads + matching_heads:
+        assert torch.equal(head["weight"], retrained["weight"]) and torch.equal(head["bias"], retrained["bias"])
+
+
+def test_creff_checkpoint_restores_the_broadcast_head_and_features() -> None:
+    server, model = creff_server()
+    server.absorb(1, creff_reports(model, server.broadcast(1, model)))
+    other, _ = creff_server(creff_config(seed=99))  # another fresh head and other features
+    assert not np.array_equal(other.broadcast(2, model)["creff-weight"], server.broadcast(2, model)["creff-weight"])
+    other.load_state_dict(copy.deepcopy(server.state_dict()))
+    for key, value in server.broadcast(2, model).items():
+        np.testing.assert_array_equal(other.broadcast(2, model)[key], value)
+    assert torch.equal(other.features.detach(), server.features.detach()) and other.trained
+    # a fresh server resumed before any absorb still broadcasts its (restored) round-1 head
+    fresh, _ = creff_server()
+    resumed, _ = creff_server(creff_config(seed=99))
+    resumed.load_state_dict(copy.deepcopy(fresh.state_dict()))
+    for key, value in fresh.broadcast(1, model).items():
+        np.testing.assert_array_equal(resumed.broadcast(1, model)[key], value)
+    assert not resumed.trained
+
+
+@pytest.mark.parametrize("lr", [0.01, 0.3])
+def test_creff_retraining_takes_sgd_steps_at_creff_retrain_lr_not_the_local_lr(lr: float, monkeypatch) -> None:
+    # one epoch over 3 classes x 2 features = one batch of 6: a single full-batch SGD step, order-free
+    cfg = creff_config(**{"creff-features-per-class": 2, "creff-retrain-epochs": 1, "creff-retrain-lr": lr,
+                          "local-lr": 0.7})
+    assert cfg.creff_retrain_lr == lr
+    server, _ = creff_server(cfg)
+    torch.manual_seed(5)
+    start = nn.Linear(D, C)
+    initial = copy.deepcopy(start.state_dict())
+    monkeypatch.setattr(server, "_fresh_classifier", lambda feature_dim: start)
+    sgd_lrs = []
+    real_sgd = torch.optim.SGD
+
+    def spy_sgd(params, lr, **kwargs):  # type: ignore[no-untyped-def]
+        sgd_lrs.append(lr)
+        return real_sgd(params, lr=lr, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "SGD", spy_sgd)
+    classifier = server.retrain_classifier()
+    assert sgd_lrs == [lr]
+    h = server.features.detach().double().numpy()
+    y = server.feature_labels.numpy()
+    w0, b0 = initial["weight"].double().numpy(), initial["bias"].double().numpy()
+    gw, gb = np_ce_grads(h, y, w0, b0)
+    np.testing.assert_allclose(classifier.weight.detach().numpy(), w0 - lr * gw, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(classifier.bias.detach().numpy(), b0 - lr * gb, rtol=1e-5, atol=1e-6)
+
+
+def test_creff_retrain_lr_defaults_to_the_official_lr_net_and_must_be_positive() -> None:
+    assert resolve({"method": "creff"}).creff_retrain_lr == 0.01
+    for bad in (0.0, -0.1):
+        with pytest.raises(ConfigError, match="creff-retrain-lr"):
+            resolve({"method": "creff", "creff-retrain-lr": bad})
 
 
 def test_creff_server_averages_real_gradients_per_class_over_the_clients_that_have_it() -> None:

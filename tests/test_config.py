@@ -256,6 +256,33 @@ def test_every_shipped_preset_resolves(path: Path) -> None:
         assert cfg.as_dict()[key] == value, key
 
 
+CIFAR_PRESETS = sorted(p.stem for p in (ROOT / "conf").glob("cifar*-lt*.yaml"))
+
+
+def test_the_cifar_presets_are_found() -> None:
+    assert CIFAR_PRESETS == ["cifar10-lt", "cifar10-lt-partial", "cifar100-lt", "cifar100-lt-partial"]
+
+
+@pytest.mark.parametrize("name", CIFAR_PRESETS)
+def test_cifar_presets_use_climbs_cifar_epsilon_and_dual_step(name: str) -> None:
+    """CLIMB's paper: epsilon 0.1 and eta_D 0.1 on CIFAR (the schema defaults 0.01 and 2.0 are its MNIST values)."""
+    cfg = resolve({"preset": name})
+    assert (cfg.climb_epsilon, cfg.climb_dual_lr) == (0.1, 0.1)
+    assert resolve({"preset": name, "method": "climb"}).climb_epsilon == 0.1
+
+
+def test_sweep_cells_on_cifar_presets_run_climbs_cifar_values() -> None:
+    from fedlt_app import sweep
+
+    seen = 0
+    for path in sorted((ROOT / "conf" / "sweeps").glob("*.yaml")):
+        for cell in sweep.expand(sweep.load_spec(path)):
+            if cell.run_config.get("preset") in CIFAR_PRESETS:
+                seen += 1
+                assert (cell.run_config["climb-epsilon"], cell.run_config["climb-dual-lr"]) == (0.1, 0.1), cell.name
+    assert seen
+
+
 def test_readme_documents_every_run_config_key() -> None:
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     missing = [o.key for o in config.SCHEMA if f"| `{o.key}` |" not in readme]

@@ -39,6 +39,7 @@ def test_metrics_written_every_round(redgrape_run: Path) -> None:
         assert len(row["per_class_accuracy"]) == 10
         assert row["clients"] == [0, 1, 2] and row["failed_clients"] == []
         assert row["bytes_up"] > 0 and row["bytes_down"] > 0
+        assert row["evaluate_seconds"] > 0 and len(row["client_train_seconds"]) == 3
     # every class has a global prototype once round 1 is aggregated
     assert all(r["classes_with_prototype"] == 10 for r in rows)
     # prototypes travel down from round 2 on: more than the model alone

@@ -2,19 +2,30 @@
 
 The encoder trains as in FedAvg.  Each round clients also send, per local
 class, the gradient of the class-mean cross-entropy w.r.t. the classifier,
-computed on the received encoder and the server's re-trained classifier.  The
-server keeps 100 learnable "federated features" per class and moves them
-(SGD, lr 0.1, 100 steps a round) so that the classifier's gradient on them
-matches the clients' real gradients — distance Σ_rows (1 − cos) plus one
-term for the bias, as the official code's ``distance_wb`` — then re-trains a
-fresh linear classifier on the features, and evaluates the global encoder
-with that classifier (weight and bias).  Training continues from the FedAvg
-model; the re-trained classifier only evaluates and conditions the next
-round's real gradients.
+computed on the received encoder and the classifier the server broadcasts.
+The server keeps 100 learnable "federated features" per class and moves them
+(SGD, lr 0.1, 100 steps a round) so that the gradient of that same classifier
+on them matches the clients' real gradients — distance Σ_rows (1 − cos) plus
+one term for the bias, as the official code's ``distance_wb`` — then
+re-trains a fresh linear classifier on the features (SGD at
+``creff-retrain-lr``, the official ``lr_net`` = 0.01), and evaluates the
+global encoder with that classifier (weight and bias).  Training continues
+from the FedAvg model; the re-trained classifier only evaluates and is the
+next round's matching head.
+
+The server broadcasts its classifier every round, round 1 included, so the
+head the clients compute real gradients at and the head the server matches
+at are always the same tensor.  In round 1 that is a freshly drawn
+``nn.Linear``, as in the official code (``shangxinyi/CReFF-FL`` ``main.py``:
+``syn_params`` starts as a new ``nn.Linear(256, 10)``'s state and replaces
+the classifier both in the clients' ``compute_gradient`` and in the server's
+``update_feature_syn``); the authors' port instead let round-1 clients use
+the global model's classifier while the server matched at a fresh one.
 
 Follows the official implementation where the authors' port drifted: per-row
-cosine, only classes reported this round, re-training at the local lr, weight
-and bias both replaced.
+cosine, only classes reported this round, re-training at lr_net (0.01, not the
+port's 0.1 and not the local lr), one shared head in round 1, weight and bias
+both replaced.
 """
 
 from __future__ import annotations
@@ -96,8 +107,7 @@ class CReFFServer(ServerMethod):
             return nn.Linear(feature_dim, self.num_classes)
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
-        if not self.trained:
-            return {}
+        """The matching head, every round: the clients' real gradients and ``matching_loss`` share it."""
         return {"creff-weight": self.classifier.weight.detach().numpy().copy(),
                 "creff-bias": self.classifier.bias.detach().numpy().copy()}
 
@@ -138,9 +148,10 @@ class CReFFServer(ServerMethod):
         return float(loss.detach())
 
     def retrain_classifier(self) -> nn.Linear:
-        """A fresh linear classifier, trained on the (detached) federated features."""
+        """A fresh linear classifier, trained on the (detached) federated features (SGD, no momentum,
+        batch 32, ``creff-retrain-epochs`` epochs at ``creff-retrain-lr``)."""
         classifier = self._fresh_classifier(self.features.shape[1])
-        optimizer = torch.optim.SGD(classifier.parameters(), lr=self.cfg.local_lr)
+        optimizer = torch.optim.SGD(classifier.parameters(), lr=self.cfg.creff_retrain_lr)
         features, labels = self.features.detach(), self.feature_labels
         for _ in range(self.cfg.creff_retrain_epochs):
             for batch in torch.randperm(len(labels), generator=self.generator).split(32):
