@@ -119,7 +119,6 @@ def main(grid: Grid, context: Context) -> None:
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
         max_failure_fraction=cfg.max_failure_fraction,
-        precision=precision,
     )
     done = 0
     if cfg.resume_from:

@@ -30,7 +30,6 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
 from fedlt_app.methods import ClientReport, ServerMethod
 from fedlt_app.models import EncoderClassifier
-from fedlt_app.precision import FP32, Precision
 from fedlt_app.records import (
     content_nbytes,
     content_parameters,
@@ -150,7 +149,6 @@ class FedLTStrategy(Strategy):
         seed: int,
         max_failure_fraction: float = 0.5,
         first_round: int = 1,
-        precision: Precision = FP32,
     ) -> None:
         self.inner = inner
         self.server_method = server_method
@@ -161,7 +159,6 @@ class FedLTStrategy(Strategy):
         self.seed = seed
         self.max_failure_fraction = max_failure_fraction
         self.round_offset = first_round - 1
-        self.precision = precision  # the method's server passes (monitors, feature matching) run in it
         self.current: RoundLog | None = None
 
     def summary(self) -> None:
@@ -179,8 +176,7 @@ class FedLTStrategy(Strategy):
         view = _CohortGrid(grid, [self.node_of_partition[p] for p in cohort])
         messages = list(self.inner.configure_train(server_round, arrays, config, view))  # type: ignore[arg-type]
         self.global_model.load_state_dict(arrays.to_torch_state_dict())
-        with self.precision.autocast():
-            payload = self.server_method.broadcast(server_round, self.global_model)
+        payload = self.server_method.broadcast(server_round, self.global_model)
         for message in messages:
             if payload:
                 message.content[METHOD_KEY] = payload_to_record(payload)
@@ -213,8 +209,7 @@ class FedLTStrategy(Strategy):
         if weights is not None:
             for reply, weight in zip(succeeded, weights, strict=True):
                 reply.content["metrics"]["num-examples"] = float(weight)
-        with self.precision.autocast():
-            self.server_method.absorb(server_round, reports)
+        self.server_method.absorb(server_round, reports)
         arrays, metrics = self.inner.aggregate_train(server_round, succeeded)
         if arrays is not None:
             average_buffers(arrays, succeeded)

@@ -16,7 +16,6 @@ from fedlt_app.methods.redgrape import RedGrapeServer
 from fedlt_app.methods.base import ClientReport
 from fedlt_app.models import build_model
 from fedlt_app.precision import Precision, precision_for
-from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.train import LocalTraining, train_locally
 
 CPU = torch.device("cpu")
@@ -158,23 +157,43 @@ def test_prototypes_and_reports_are_fp32_in_bf16() -> None:
         assert all(v.dtype == torch.float32 for v in model.state_dict().values())
 
 
-def test_server_prototype_store_and_aggregate_are_fp32_under_autocast() -> None:
-    cfg = resolve({"method": "redgrape"})
+def test_server_prototype_store_is_fp32_in_bf16_runs(native_cpu) -> None:  # type: ignore[no-untyped-def]
+    native_cpu(True)
+    cfg = resolve({"method": "redgrape", "precision": "bf16"})
     model = get_method("redgrape").extend_model(cnn())
 
     class Data:
         num_clients = 2
 
     server = RedGrapeServer(cfg, model, Data())  # type: ignore[arg-type]
-    strategy = FedLTStrategy(server_optimizer("fedavg", 1.0, 0.0, 0.05), server, model, {0: 10, 1: 11}, 0, 0,
-                             precision=Precision("bf16", "cpu"))
+    assert server.precision == Precision("bf16", "cpu")
     reports = [ClientReport(p, 10, {"proto-classes": np.array([0, 1]),
                                     "proto-weight": np.full((2, 10, 128), 0.1 * (p + 1), np.float64),
                                     "proto-bias": np.full((2, 10), 1.0, np.float64)}) for p in (0, 1)]
-    with strategy.precision.autocast():
-        server.absorb(1, reports)
+    server.absorb(1, reports)
     assert server.weight.dtype == np.float32 and server.bias.dtype == np.float32
     np.testing.assert_allclose(server.weight[0], 0.15, rtol=1e-6)
+
+
+def test_server_training_in_bf16_sees_its_weights_change(native_cpu) -> None:  # type: ignore[no-untyped-def]
+    """CReFF re-trains a classifier on the server. Autocast caches a weight's bf16 copy until its context
+    exits, so one context around the whole loop would train on stale weights (every step at the initial
+    point): the bf16 classifier must instead stay close to the fp32 one."""
+    native_cpu(True)
+    classifiers = {}
+    for precision in ("fp32", "bf16"):
+        cfg = resolve({"method": "creff", "precision": precision, "creff-features-per-class": 20,
+                       "creff-retrain-epochs": 30, "creff-retrain-lr": 0.5})
+
+        class Data:
+            num_clients = 2
+
+        server = get_method("creff").server(cfg, cnn(), Data())  # type: ignore[arg-type]
+        with torch.no_grad():  # separable features: class c around 3·e_c
+            server.features.copy_(0.3 * server.features + 3 * torch.eye(128)[server.feature_labels])
+        classifiers[precision] = server.retrain_classifier().weight.detach()
+    drift = (classifiers["bf16"] - classifiers["fp32"]).norm() / classifiers["fp32"].norm()
+    assert drift < 0.05
 
 
 def test_a_checkpoint_older_than_a_key_resumes_at_its_default() -> None:

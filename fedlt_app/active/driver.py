@@ -37,7 +37,7 @@ from fedlt_app.metrics import evaluate
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.records import content_nbytes
 from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
-from fedlt_app.precision import Precision, precision_for
+from fedlt_app.precision import precision_for
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.task import federated_data, resolve_device
 
@@ -179,8 +179,7 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
                 query["query_seconds"] = time.perf_counter() - query_started
             digests = [int(m["selection-digest"]) for m in answers.values()]
 
-            model, strategy, previous = _train_cycle(grid, cfg, data, federation, cycle, rounds_done, previous,
-                                                     device, precision)
+            model, strategy, previous = _train_cycle(grid, cfg, data, federation, cycle, rounds_done, previous, device)
             rounds_done += cfg.fl_rounds_per_cycle
             evaluation = evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels,
                                   cfg.dataset, tail, data.class_counts, precision=precision)
@@ -224,7 +223,6 @@ def _train_cycle(
     rounds_before: int,
     previous: ArrayRecord | None,
     device: torch.device,
-    precision: Precision,
 ) -> tuple[EncoderClassifier, CycleStrategy, ArrayRecord]:
     """One cycle's federated training on the labeled sets; (global model, strategy, its arrays)."""
     model = protocol.cycle_initial_model(cfg, data, cycle if cfg.al_reset_per_cycle else 0).to(device)
@@ -239,7 +237,6 @@ def _train_cycle(
         seed=cfg.seed if cycle == 0 else protocol.stream_seed(cfg.seed, "cohorts", cycle),
         max_failure_fraction=cfg.max_failure_fraction,
         rounds_before=rounds_before,
-        precision=precision,
     )
     result = strategy.start(
         grid=grid,

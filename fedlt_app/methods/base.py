@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
 from fedlt_app.models import EncoderClassifier
+from fedlt_app.precision import precision_for
 
 Payload = dict[str, np.ndarray]
 
@@ -71,6 +72,10 @@ class ServerMethod:
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         self.cfg = cfg
         self.num_classes = model.num_classes
+        # For the method's own forward passes. Wrap each forward, never a loop that steps an optimizer:
+        # autocast caches the low-precision copy of a weight until the context exits, so weights updated
+        # inside one context would be seen stale by every later forward.
+        self.precision = precision_for(cfg.precision, next(model.parameters()).device)
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         """Arrays sent to every sampled client with the global model."""

@@ -142,7 +142,8 @@ class CReFFServer(ServerMethod):
         loss = torch.zeros(())
         for _ in range(self.cfg.creff_match_steps):
             self.feature_optimizer.zero_grad(set_to_none=True)
-            loss = self.matching_loss(real)
+            with self.precision.autocast():
+                loss = self.matching_loss(real)
             loss.backward()
             self.feature_optimizer.step()
         return float(loss.detach())
@@ -156,7 +157,9 @@ class CReFFServer(ServerMethod):
         for _ in range(self.cfg.creff_retrain_epochs):
             for batch in torch.randperm(len(labels), generator=self.generator).split(32):
                 optimizer.zero_grad(set_to_none=True)
-                F.cross_entropy(classifier(features[batch]), labels[batch]).backward()
+                with self.precision.autocast():  # per step: the weights change between forwards
+                    logits = classifier(features[batch]).float()
+                F.cross_entropy(logits, labels[batch]).backward()
                 optimizer.step()
         return classifier
 

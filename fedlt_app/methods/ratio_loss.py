@@ -79,7 +79,9 @@ class RatioLossServer(ServerMethod):
         steps = []
         for images, labels in self.auxiliary:
             x = augment(images.to(device), self.cfg.dataset, generator)
-            loss = F.cross_entropy(model(x), labels.to(device))
+            with self.precision.autocast():
+                logits = model(x)
+            loss = F.cross_entropy(logits, labels.to(device))
             (grad,) = torch.autograd.grad(loss, [model.classifier.weight])
             steps.append((-self.cfg.local_lr * grad).cpu().numpy())
         model.train(was_training)
