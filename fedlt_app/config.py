@@ -15,7 +15,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-METHOD_NAMES = ("fedavg", "fedprox", "focal", "ratio-loss", "climb", "creff", "redgrape")
+METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "climb", "creff", "redgrape")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # see fedlt_app/precision.py
@@ -110,6 +110,9 @@ SCHEMA: tuple[Option, ...] = (
            one_of(*SERVER_OPTS)),
     Option("server-momentum", float, 0.9, "FedAvgM's server momentum (server-opt=fedavgm)", in_range(0.0, 1.0)),
     Option("focal-gamma", float, 2.0, "Fed-Focal's focusing parameter gamma", at_least(0.0)),
+    Option("fedlc-tau", float, 1.0,
+           "FedLC's calibration strength tau: logits z_c - tau * n_c^(-1/4) with the client's own class counts "
+           "(FedLTLib's default 1.0; 0 = plain cross-entropy)", at_least(0.0)),
     Option("ratio-aux-per-class", int, 32, "Ratio Loss: server auxiliary samples per class", at_least(1)),
     Option("climb-epsilon", float, 0.01, "CLIMB's constraint slack epsilon", at_least(0.0)),
     Option("climb-dual-lr", float, 2.0, "CLIMB's dual step size eta_D", at_least(0.0, strict=True)),
@@ -208,6 +211,7 @@ class RunConfig:
     server_opt: str
     server_momentum: float
     focal_gamma: float
+    fedlc_tau: float
     ratio_aux_per_class: int
     climb_epsilon: float
     climb_dual_lr: float

@@ -73,6 +73,7 @@ VALUE_NAMES = {
         "fedavg": "FedAvg+CE",
         "fedprox": "FedProx",
         "focal": "Fed-Focal Loss",
+        "fedlc": "FedLC",
         "ratio-loss": "Ratio Loss",
         "climb": "CLIMB",
         "creff": "CReFF",

@@ -84,6 +84,7 @@ def test_failed_run_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
         ("fedavg", ""),
         ("fedprox", "prox-mu=0.01"),
         ("focal", ""),
+        ("fedlc", ""),
         ("ratio-loss", "ratio-aux-per-class=8"),
         ("climb", "climb-dual-lr=0.5"),
         ("creff", "creff-features-per-class=10 creff-match-steps=5 creff-retrain-epochs=5"),

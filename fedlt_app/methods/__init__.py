@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, extend_nothing
 from fedlt_app.methods.climb import ClimbClient, ClimbServer
 from fedlt_app.methods.creff import CReFFClient, CReFFServer
+from fedlt_app.methods.fedlc import FedLCClient
 from fedlt_app.methods.focal import FocalClient
 from fedlt_app.methods.ratio_loss import RatioLossClient, RatioLossServer
 from fedlt_app.methods.redgrape import RedGrapeClient, RedGrapeServer, add_supplementary_classifier
@@ -25,6 +26,7 @@ METHODS: dict[str, Method] = {
     "fedavg": Method(ClientMethod, ServerMethod),
     "fedprox": Method(ClientMethod, ServerMethod),  # the proximal term lives in the shared loop (prox-mu)
     "focal": Method(FocalClient, ServerMethod),
+    "fedlc": Method(FedLCClient, ServerMethod),
     "ratio-loss": Method(RatioLossClient, RatioLossServer),
     "climb": Method(ClimbClient, ClimbServer),
     "creff": Method(CReFFClient, CReFFServer),

@@ -36,7 +36,15 @@ class ClientMethod:
         self.payload = payload
 
     def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> None:
-        """Run once on the received model before the first local step."""
+        """Run once on the received model before the first local step.
+
+        ``generator`` is the method's own stream (not the batches'), and the
+        global RNG (dropout) is the hooks' own too, so what a method draws here
+        or in ``before_step`` never changes the batches every method shares.
+        This and ``before_step`` run under the run's autocast: never step an
+        optimizer inside one (autocast would keep serving the weights' stale
+        low-precision copies until the hook returns).
+        """
 
     def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y)
