@@ -130,6 +130,7 @@ def main(grid: Grid, context: Context) -> None:
         run_dir = run_directory(cfg, context.run_id)
     info = federation_info(num_clients, data.class_counts, data.client_indices, data.dataset.train_labels.numpy(),
                            tail, context.run_id)
+    info["server_precision"] = precision.name  # what `precision` (e.g. auto) resolved to on the server's device
     log(INFO, "[fedlt] results -> %s", run_dir)
 
     with RunRecorder(cfg, run_dir, info, resume_after=done if cfg.resume_from else None) as recorder:

@@ -125,4 +125,5 @@ def test_bf16_run_through_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyP
     run_dir = tmp_path / "out" / "bf16"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["accuracy"] > 0.15
-    assert json.loads((run_dir / "config.json").read_text())["run_config"]["precision"] == "bf16"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run_config"]["precision"] == "bf16" and config["server_precision"] == "bf16"

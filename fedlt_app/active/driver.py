@@ -149,7 +149,7 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     test_images, test_labels = data.test_data()
     info = {**federation_info(num_clients, data.class_counts, data.client_indices, data.dataset.train_labels.numpy(),
                               tail, context.run_id),
-            "active_learning": plan.as_dict()}
+            "active_learning": plan.as_dict(), "server_precision": precision.name}
     default_name = f"{cfg.al_method}-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{context.run_id}"
     run_dir = run_directory(cfg if cfg.run_name else replace(cfg, run_name=default_name), context.run_id)
     log(INFO, "[fedlt-al] %s: %d cycles, %d labels per client per cycle (N_train %d, %d clients) -> %s",
