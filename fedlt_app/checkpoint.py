@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
-from fedlt_app.config import defaults
+from fedlt_app.config import recorded_value
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # Attributes of Flower's FedAvgM / FedOpt strategies that carry state between rounds.
@@ -71,8 +71,9 @@ def load_checkpoint(run_dir: Path) -> dict[str, Any]:
 
 
 def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
-    """Refuse a resume that would change the run; a key newer than the checkpoint counts at its default."""
-    saved = {**defaults(), **saved}
+    """Refuse a resume that would change the run; a key newer than the checkpoint counts as
+    what runs did before it existed (:func:`fedlt_app.config.recorded_value`)."""
+    saved = {k: recorded_value(saved, k) for k in current}
     changed = sorted(k for k in current if k not in RESUMABLE_CHANGES and saved.get(k) != current[k])
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)

@@ -167,7 +167,7 @@ SCHEMA: tuple[Option, ...] = (
            one_of("euclidean-squared", "cosine")),
     Option("seed", int, 0, "seed of data, partition, initialisation, sampling and local shuffling"),
     Option("device", str, "auto", "where clients and server compute", one_of("auto", "cpu", "cuda")),
-    Option("precision", str, "fp32",
+    Option("precision", str, "auto",
            "autocast dtype of forward passes: fp32, bf16, fp16 (CUDA only, loss scaling), "
            "auto (bf16 where the device runs it natively, else fp32); weights, updates, prototypes stay fp32",
            one_of(*PRECISIONS)),
@@ -294,6 +294,28 @@ def load_preset(name: str) -> dict[str, Any]:
 
 def defaults() -> dict[str, Any]:
     return {o.key: o.default for o in SCHEMA}
+
+
+# What a run recorded before a key existed actually did, where that is not the key's default today.
+BEFORE_KEY: dict[str, Callable[[Mapping[str, Any]], Any]] = {
+    "precision": lambda ran: "fp32",  # before `precision`, runs were float32 (the default is now auto)
+    # CReFF re-trained at the local lr; for other methods the key changes nothing
+    "creff-retrain-lr": lambda ran: ran.get("local-lr") if ran.get("method") == "creff" else OPTIONS[
+        "creff-retrain-lr"].default,
+}
+
+
+def recorded_value(ran: Mapping[str, Any], key: str) -> Any:
+    """The value of ``key`` a recorded run config (config.json, a checkpoint) ran with.
+
+    A key missing from an older record counts as what runs did before the key
+    existed, so a resume or a sweep never mistakes an old run for a new setting.
+    """
+    if key in ran:
+        return ran[key]
+    if key in BEFORE_KEY:
+        return BEFORE_KEY[key](ran)
+    return OPTIONS[key].default if key in OPTIONS else None
 
 
 def resolve(run_config: Mapping[str, Any]) -> RunConfig:

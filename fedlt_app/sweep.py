@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlt_app import report
-from fedlt_app.config import OPTIONS, ConfigError, defaults, load_preset, resolve
+from fedlt_app.config import OPTIONS, ConfigError, defaults, load_preset, recorded_value, resolve
 from fedlt_app.report import value_text
 
 APP_DIR = Path(__file__).resolve().parent.parent
@@ -559,11 +559,10 @@ def _check_finished_run(cell: Cell, run_dir: Path) -> None:
     except (OSError, ValueError) as err:
         raise SweepError(f"cell {cell.name}: {run_dir}/config.json is unreadable ({err})") from err
     ran = info.get("run_config", {})
-    default = defaults()
     differ = [
-        f"{k}: ran {ran.get(k, default.get(k))!r}, sweep says {v!r}"
+        f"{k}: ran {recorded_value(ran, k)!r}, sweep says {v!r}"
         for k, v in cell.run_config.items()
-        if k not in NOT_IDENTITY and not _same(ran.get(k, default.get(k)), v)
+        if k not in NOT_IDENTITY and not _same(recorded_value(ran, k), v)
     ]
     if "num_clients" in info and info["num_clients"] != cell.num_clients:
         differ.append(f"num-clients: ran {info['num_clients']}, sweep says {cell.num_clients}")

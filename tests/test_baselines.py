@@ -230,7 +230,8 @@ def ratio_server_setup(aux_per_class: int = 3):  # type: ignore[no-untyped-def]
     # the long-tail cut dropped all but one sample of class 2: the auxiliary set still has 3
     keep = np.concatenate([np.flatnonzero(labels.numpy() != 2), np.flatnonzero(labels.numpy() == 2)[-1:]])
     data = federated(images, labels, [np.sort(keep)], train_indices=np.sort(keep))
-    cfg = resolve({"method": "ratio-loss", "ratio-aux-per-class": aux_per_class, "local-lr": 0.3})
+    # float32 arithmetic (the default `auto` is bf16 on some CPUs): the rule is checked against exact sums
+    cfg = resolve({"method": "ratio-loss", "ratio-aux-per-class": aux_per_class, "local-lr": 0.3, "precision": "fp32"})
     return cfg, data, images, labels
 
 
@@ -454,7 +455,7 @@ def test_class_gradient_is_the_ce_gradient_and_differentiable_in_the_features() 
 
 def creff_config(**overrides):  # type: ignore[no-untyped-def]
     base = {"method": "creff", "creff-features-per-class": 10, "creff-match-steps": 40, "creff-feature-lr": 0.1,
-            "creff-retrain-epochs": 5, "local-lr": 0.1}
+            "creff-retrain-epochs": 5, "local-lr": 0.1, "precision": "fp32"}  # exact float32 checks
     return resolve({**base, **overrides})
 
 

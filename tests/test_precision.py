@@ -10,7 +10,7 @@ import torch
 
 from fedlt_app import precision as precision_module
 from fedlt_app.checkpoint import check_resumable
-from fedlt_app.config import ConfigError, defaults, resolve
+from fedlt_app.config import ConfigError, defaults, recorded_value, resolve
 from fedlt_app.methods import get_method
 from fedlt_app.methods.redgrape import RedGrapeServer
 from fedlt_app.methods.base import ClientReport
@@ -196,10 +196,14 @@ def test_server_training_in_bf16_sees_its_weights_change(native_cpu) -> None:  #
     assert drift < 0.05
 
 
-def test_a_checkpoint_older_than_a_key_resumes_at_its_default() -> None:
-    current = resolve({}).as_dict()
-    saved = {k: v for k, v in current.items() if k != "precision"}
-    check_resumable(saved, current)  # precision missing: it ran at the default, fp32
-    with pytest.raises(ValueError, match="precision: 'fp32' -> 'bf16'"):
-        check_resumable(saved, {**current, "precision": "bf16"})
-    assert defaults()["precision"] == "fp32"
+def test_a_record_older_than_a_key_counts_as_what_runs_did_then() -> None:
+    current = resolve({"precision": "fp32"}).as_dict()
+    saved = {k: v for k, v in current.items() if k not in ("precision", "creff-retrain-lr")}
+    check_resumable(saved, current)  # precision missing: runs before the key were float32
+    with pytest.raises(ValueError, match="precision: 'fp32' -> 'auto'"):
+        check_resumable(saved, {**current, "precision": "auto"})  # today's default is not what it ran
+    assert recorded_value(saved, "precision") == "fp32" and defaults()["precision"] == "auto"
+    # CReFF re-trained at the local lr; for another method the key is irrelevant
+    assert recorded_value({**saved, "method": "creff", "local-lr": 0.05}, "creff-retrain-lr") == 0.05
+    assert recorded_value(saved, "creff-retrain-lr") == defaults()["creff-retrain-lr"]
+    assert recorded_value(saved, "fedlc-tau") == defaults()["fedlc-tau"]
