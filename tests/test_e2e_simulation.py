@@ -117,13 +117,14 @@ def test_bf16_run_through_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyP
     code = run_app(
         tmp_path,
         monkeypatch,
-        f"method='redgrape' precision='bf16' rebalance-step='combined' num-server-rounds=2 samples-per-class=60 "
-        f"imbalance-ratio=10.0 output-dir='{tmp_path / 'out'}' run-name='bf16'",
+        f"method='redgrape' precision='bf16' rebalance-step='combined' num-server-rounds=2 samples-per-class=150 "
+        f"imbalance-ratio=10.0 local-epochs=2 output-dir='{tmp_path / 'out'}' run-name='bf16'",
         num_clients=2,
     )
     assert code == 0
     run_dir = tmp_path / "out" / "bf16"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["accuracy"] > 0.15
+    # the plain loop reaches 0.26 in this setting by round 2 (chance: 0.10)
+    assert [r["round"] for r in rows] == [1, 2] and rows[-1]["accuracy"] > 0.18
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run_config"]["precision"] == "bf16" and config["server_precision"] == "bf16"
