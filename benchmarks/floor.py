@@ -32,8 +32,8 @@ from torch.nn import functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from fedlt_app.config import RunConfig, resolve
+from fedlt_app.configured_data import federated_data
 from fedlt_app.models import build_model
-from fedlt_app.task import federated_data
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 

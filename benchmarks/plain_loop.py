@@ -20,11 +20,12 @@ import tomllib
 import torch
 
 from fedlt_app.config import resolve
+from fedlt_app.configured_data import federated_data
 from fedlt_app.data import tail_classes
 from fedlt_app.methods import ClientReport, get_method
 from fedlt_app.metrics import evaluate
 from fedlt_app.strategy import sample_cohort
-from fedlt_app.task import client_seed, federated_data, initial_model
+from fedlt_app.task import client_seed, initial_model
 from fedlt_app.train import LocalTraining, train_locally
 
 

@@ -3,10 +3,12 @@
 A checkpoint holds everything the next round depends on: the global model,
 the server optimizer's state (FedAvgM's momentum, FedAdam's moments), the
 method's server state (RedGrape's prototype store, CLIMB's duals, CReFF's
-federated features...), the server's torch RNG and the round index. Clients
-are stateless between rounds (their randomness is keyed by seed, round and
-partition id), so a resumed run replays exactly what an uninterrupted one
-would have done.
+federated features...), the server's torch RNG and the round index. Client
+randomness is keyed by seed, round and partition id, so a resumed run replays
+exactly what an uninterrupted one would have done, except for a method that
+keeps state on its clients (``ClientMethod.state``, MOON's previous models):
+that lives in each node's Flower ``context.state``, not here, and a resumed
+run (a new Flower run) starts it afresh.
 """
 
 from __future__ import annotations

@@ -14,15 +14,19 @@ from fedlt_app.config import RunConfig, parse_class_list, resolve
 from fedlt_app.data import FederatedData
 from fedlt_app.methods import get_method
 from fedlt_app.models import EncoderClassifier
-from fedlt_app.records import payload_to_record, record_to_payload
-from fedlt_app.strategy import METHOD_KEY
+from fedlt_app.precision import precision_for
+from fedlt_app.records import load_client_state, payload_to_record, record_to_payload, save_client_state
+from fedlt_app.secagg import flower_client as secure
+from fedlt_app.secagg.flower_server import QUERY_KEYS, QUERY_SHARES, QUERY_UNMASK
+from fedlt_app.strategy import METHOD_KEY, STATISTICS_QUERY
 from fedlt_app.task import client_dataset, client_seed, method_model, node_partition, resolve_device
 from fedlt_app.train import LocalTraining, train_locally
 
 app = ClientApp()
 
 # One model object per worker process, reused by every virtual client it
-# serves: only its weights change between messages.
+# serves: only its weights change between messages (CLIP methods: only the
+# travelling state; the frozen CLIP is loaded once per process).
 _MODELS: dict[tuple, EncoderClassifier] = {}
 
 
@@ -57,21 +61,29 @@ def train(msg: Message, context: Context) -> Message:
     images, labels = active_learning.restrict_to_labeled(msg.content["config"], context.state, images, labels)
     device = resolve_device(cfg.device)
     model = _model(cfg, data, device)
-    model.load_state_dict(msg.content["arrays"].to_torch_state_dict())
+    model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
 
     server_round = int(msg.content["config"]["server-round"])
     inject_faults(cfg, partition_id)
     seed = client_seed(cfg.seed, server_round, partition_id)
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)  # shuffling, augmentation, balanced draws
-    method = get_method(cfg.method).client(cfg, data.num_classes, record_to_payload(msg.content.get(METHOD_KEY)))
+    method = get_method(cfg.method).client(cfg, data.num_classes, record_to_payload(msg.content.get(METHOD_KEY)),
+                                           state=load_client_state(context.state))
     started = time.perf_counter()
     stats = train_locally(model, images, labels, method, LocalTraining.from_config(cfg), generator)
     train_seconds = time.perf_counter() - started
+    save_client_state(context.state, method.state_to_keep(model))  # only after training succeeded
 
+    if cfg.secure_aggregation == "secagg":  # one masked vector leaves, nothing else (README "Secure aggregation")
+        if method.report():
+            raise RuntimeError(f"secure-aggregation=secagg: method {cfg.method!r} reports per-client arrays")
+        local = {k: v.detach().cpu().numpy() for k, v in model.travelling_state().items()}
+        return Message(secure.masked_train_reply(msg, context, local, stats.num_examples, stats.mean_loss, seed),
+                       reply_to=msg)
     content = RecordDict(
         {
-            "arrays": ArrayRecord(model.state_dict()),
+            "arrays": ArrayRecord(model.travelling_state()),
             "metrics": MetricRecord({"num-examples": stats.num_examples, "train-loss": stats.mean_loss,
                                      "train-seconds": train_seconds}),
         }
@@ -80,6 +92,35 @@ def train(msg: Message, context: Context) -> Message:
     if report:
         content[METHOD_KEY] = payload_to_record(report)
     return Message(content=content, reply_to=msg)
+
+
+# Secure aggregation (secure-aggregation=secagg): the protocol's query rounds; see fedlt_app/secagg/.
+@app.query(QUERY_KEYS)
+def secagg_keys(msg: Message, context: Context) -> Message:
+    return secure.handle_keys(msg, context)
+
+
+@app.query(QUERY_SHARES)
+def secagg_shares(msg: Message, context: Context) -> Message:
+    return secure.handle_shares(msg, context)
+
+
+@app.query(QUERY_UNMASK)
+def secagg_unmask(msg: Message, context: Context) -> Message:
+    return secure.handle_unmask(msg, context)
+
+
+@app.query(STATISTICS_QUERY)
+def method_statistics(msg: Message, context: Context) -> Message:
+    """The method's statistics of the server's global model on this node's data (CCVR's feature moments)."""
+    cfg = resolve(context.run_config)
+    data, images, labels = client_dataset(cfg, context.node_config)
+    device = resolve_device(cfg.device)
+    model = _model(cfg, data, device)
+    model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
+    method = get_method(cfg.method).client(cfg, data.num_classes, {})
+    payload = method.statistics(model, images, labels, precision_for(cfg.precision, device))
+    return Message(RecordDict({METHOD_KEY: payload_to_record(payload)}), reply_to=msg)
 
 
 # Active learning (al-method): the query passes; see fedlt_app/active/client.py.

@@ -15,7 +15,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "climb", "creff", "redgrape")
+METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "climb", "creff", "ccvr", "moon", "redgrape",
+                "grape-la", "zero-shot-clip", "promptfl")
+SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss")  # servers that need only the weighted sum
+CLIP_METHODS = ("zero-shot-clip", "promptfl")  # need the clip extra and clip-weights (fedlt_app/clip)
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # see fedlt_app/precision.py
@@ -113,6 +116,11 @@ SCHEMA: tuple[Option, ...] = (
     Option("fedlc-tau", float, 1.0,
            "FedLC's calibration strength tau: logits z_c - tau * n_c^(-1/4) with the client's own class counts "
            "(FedLTLib's default 1.0; 0 = plain cross-entropy)", at_least(0.0)),
+    Option("moon-mu", float, 1.0,
+           "MOON's mu: weight of the model-contrastive term (official --mu default 1; the paper's CIFAR-10: 5)",
+           at_least(0.0)),
+    Option("moon-temperature", float, 0.5, "MOON's temperature tau of the contrastive term (official default 0.5)",
+           at_least(0.0, strict=True)),
     Option("ratio-aux-per-class", int, 32, "Ratio Loss: server auxiliary samples per class", at_least(1)),
     Option("climb-epsilon", float, 0.01, "CLIMB's constraint slack epsilon", at_least(0.0)),
     Option("climb-dual-lr", float, 2.0, "CLIMB's dual step size eta_D", at_least(0.0, strict=True)),
@@ -123,15 +131,41 @@ SCHEMA: tuple[Option, ...] = (
            at_least(1)),
     Option("creff-retrain-lr", float, 0.01, "CReFF: learning rate of the classifier re-training (official lr_net)",
            at_least(0.0, strict=True)),
+    Option("ccvr-virtual-per-class", int, 2000, "CCVR: virtual features drawn per class (the paper's M_c; "
+           "FedLTLib's num_vr)", at_least(1)),
+    Option("ccvr-retrain-epochs", int, 10, "CCVR: classifier calibration epochs (SGD momentum 0.9, weight decay "
+           "1e-5, batch batch-size; FedLTLib's retrain_epoch)", at_least(1)),
+    Option("ccvr-retrain-lr", float, 0.001, "CCVR: learning rate of the classifier calibration (FedLTLib's "
+           "retrain_lr)", at_least(0.0, strict=True)),
+    Option("ccvr-calibrate", str, "every-round",
+           "CCVR: calibrate (and evaluate calibrated) every round's global model, or only the last round's "
+           "(FedLTLib: once, after training); training never sees the calibrated classifier",
+           one_of("every-round", "final")),
     Option("rebalance-lambda", float, 0.1, "RedGrape's lambda: weight of the re-balancing step", at_least(0.0)),
     Option("rebalance-step", str, "plain",
            "RedGrape: plain (authors' code: an extra momentum-free step on W after the optimizer step) or "
            "combined (the paper's Eq. 13: the re-balancing term joins W's gradient before clipping and SGD-momentum)",
            one_of("plain", "combined")),
+    Option("grape-la-prior", str, "global",
+           "GRAPE-LA (fedlt's method): the class prior in the adjusted loss CE(z + tau*log prior): global "
+           "(the federation's, summed from client counts; a client's own in round 1) or local (the client's own)",
+           one_of("global", "local")),
+    Option("grape-la-tau", float, 1.0, "GRAPE-LA: strength tau of the logit adjustment (0 = RedGrape exactly)",
+           at_least(0.0)),
+    Option("clip-weights", str, "",
+           "CLIP methods: local file of OpenAI-format CLIP weights, e.g. ViT-B-16.pt (never downloaded; README "
+           "'CLIP methods')"),
+    Option("promptfl-n-ctx", int, 16, "PromptFL: learnable context vectors shared by all classes (CoOp's 16)",
+           at_least(1)),
     Option("balance-threshold", int, 8, "RedGrape's T: real samples per class in the local balanced set", at_least(1)),
     Option("round-timeout", float, 3600.0, "seconds to wait for a round's replies; late clients count as failed",
            at_least(0.0, strict=True)),
     Option("max-failure-fraction", float, 0.5, "stop the run when more of a round's clients fail", in_range(0.0, 1.0001)),
+    Option("secure-aggregation", str, "off",
+           "secagg: the server sees only masked sums of the clients' updates (README 'Secure aggregation'); "
+           "off: plain updates", one_of("off", "secagg")),
+    Option("secagg-min-cohort", int, 3, "secure aggregation: a round with fewer clients than this refuses to aggregate",
+           at_least(2)),
     Option("checkpoint-every", int, 10, "write a resumable checkpoint every this many rounds (0 = never)", at_least(0)),
     Option("resume-from", str, "", "a run directory whose checkpoint this run continues"),
     Option("debug-fail-partitions", str, "", "fault injection: these partition ids raise in training (e.g. \"1,3\")",
@@ -212,6 +246,8 @@ class RunConfig:
     server_momentum: float
     focal_gamma: float
     fedlc_tau: float
+    moon_mu: float
+    moon_temperature: float
     ratio_aux_per_class: int
     climb_epsilon: float
     climb_dual_lr: float
@@ -220,11 +256,21 @@ class RunConfig:
     creff_feature_lr: float
     creff_retrain_epochs: int
     creff_retrain_lr: float
+    ccvr_virtual_per_class: int
+    ccvr_retrain_epochs: int
+    ccvr_retrain_lr: float
+    ccvr_calibrate: str
     rebalance_lambda: float
     rebalance_step: str
+    grape_la_prior: str
+    grape_la_tau: float
+    clip_weights: str
+    promptfl_n_ctx: int
     balance_threshold: int
     round_timeout: float
     max_failure_fraction: float
+    secure_aggregation: str
+    secagg_min_cohort: int
     checkpoint_every: int
     resume_from: str
     debug_fail_partitions: str
@@ -361,6 +407,20 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
         raise ConfigError(
             f"partition: 'writers' needs dataset=femnist, the only one with writer ids (got {values['dataset']!r})"
         )
+    if values["method"] in CLIP_METHODS:
+        if not values["clip_weights"]:
+            raise ConfigError(f"clip-weights: method {values['method']!r} needs a local file of OpenAI-format CLIP "
+                              "weights, e.g. clip-weights='/path/ViT-B-16.pt' (README 'CLIP methods: weights')")
+        if values["al_method"] != "none":
+            raise ConfigError(f"al-method: active learning does not support method {values['method']!r}")
+    if values["secure_aggregation"] == "secagg":
+        if values["method"] not in SECAGG_METHODS:
+            why = ("its server needs each client's loss" if values["method"] == "climb"
+                   else "its server needs more than the weighted model sum (not supported yet)")
+            raise ConfigError(f"secure-aggregation: 'secagg' cannot run method={values['method']!r}: {why}; "
+                              f"with secure-aggregation=secagg, method must be one of {', '.join(SECAGG_METHODS)}")
+        if values["al_method"] != "none":
+            raise ConfigError("secure-aggregation: 'secagg' does not support active learning (al-method)")
     if values["al_method"] != "none":
         if round(values["al_query_ratio"], 2) > values["al_end_ratio"]:
             raise ConfigError(

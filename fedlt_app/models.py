@@ -9,6 +9,8 @@ parameter counts agree with them), see ../shared/PAPER.md.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from torch import Tensor, nn
 
 MODELS = ("cnn", "cnn-mcmahan", "resnet56", "cnn4conv")
@@ -17,16 +19,30 @@ MODELS = ("cnn", "cnn-mcmahan", "resnet56", "cnn4conv")
 class EncoderClassifier(nn.Module):
     """``logits = classifier(encoder(x))`` with the feature width on record."""
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int) -> None:
+    def __init__(self, encoder: nn.Module, feature_dim: int, num_classes: int,
+                 classifier: nn.Module | None = None) -> None:
+        """``classifier`` defaults to a linear layer W; CLIP's heads compute theirs from text."""
         super().__init__()
         self.encoder = encoder
-        self.classifier = nn.Linear(feature_dim, num_classes)
+        self.classifier = nn.Linear(feature_dim, num_classes) if classifier is None else classifier
         self.feature_dim = feature_dim
         self.num_classes = num_classes
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits, always float32: under autocast every loss and softmax downstream stays full precision."""
         return self.classifier(self.encoder(x)).float()
+
+    def travelling_state(self) -> dict[str, Tensor]:
+        """The state that goes over the wire each round (and into checkpoints): here all of it.
+
+        A model with a frozen part every node already holds (CLIP) names only
+        its trainable part, so the apps and the strategy never special-case it.
+        """
+        return self.state_dict()
+
+    def load_travelling_state(self, state: Mapping[str, Tensor]) -> None:
+        """Inverse of :meth:`travelling_state` (strict: a missing or extra key is an error)."""
+        self.load_state_dict(state)
 
 
 def _reddi_cnn_encoder(in_channels: int, image_size: int) -> tuple[nn.Module, int]:

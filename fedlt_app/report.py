@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlt_app.results import LAST_ROUNDS
+from fedlt_app.run_plots import VALUE_NAMES, _figure, read_rounds
 
 DDOF = 1  # std over seeds: the sample standard deviation (n - 1); one seed shows no ±
 
@@ -67,19 +68,6 @@ AXIS_NAMES = {
     "clients-per-round": "per round",
     "server-opt": "server",
     "imbalance-profile": "profile",
-}
-VALUE_NAMES = {
-    "method": {
-        "fedavg": "FedAvg+CE",
-        "fedprox": "FedProx",
-        "focal": "Fed-Focal Loss",
-        "fedlc": "FedLC",
-        "ratio-loss": "Ratio Loss",
-        "climb": "CLIMB",
-        "creff": "CReFF",
-        "redgrape": "RedGrape",
-    },
-    "server-opt": {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam"},
 }
 SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -127,21 +115,6 @@ def run_status(run_dir: Path) -> str | None:
 def completed_attempt(runs_dir: Path, name: str) -> Path | None:
     done = [p for p in attempts(runs_dir, name) if run_status(p) == "completed"]
     return done[-1] if done else None
-
-
-def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows; a torn last line (a killed run) is dropped."""
-    rows = []
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            rows.append(json.loads(line))
-        except ValueError:
-            continue
-    return rows
 
 
 @dataclass
@@ -404,6 +377,9 @@ def paired_stat(res: SweepResults, row: Sequence[str], column: Sequence[str], me
     return Stat(mean, std, len(diffs), len(cells), tuple(diffs))
 
 
+NEEDS_SEEDS = "‡"  # the paired difference is smaller than its spread over seeds: run more seeds
+
+
 def format_difference(s: Stat) -> str:
     """'+0.52 ± 0.31 (3/3 > 0)': points, sample std over seeds, how many seeds agree in sign with the mean."""
     if s.n == 0 or s.mean is None:
@@ -412,6 +388,8 @@ def format_difference(s: Stat) -> str:
     agree = sum(d > 0 for d in s.values) if s.mean >= 0 else sum(d < 0 for d in s.values)
     sign = ">" if s.mean >= 0 else "<"
     text += f" ({agree}/{s.n} {sign} 0)"
+    if s.std is not None and abs(s.mean) < s.std:
+        text += f" {NEEDS_SEEDS}"
     return text if s.n == s.planned else f"{text} ({s.n}/{s.planned} seeds paired)"
 
 
@@ -458,7 +436,8 @@ def markdown(res: SweepResults) -> str:
             f"## Paired differences to {res.coord_label(key, reference)}\n\n"
             f"Per seed, a run's last-{LAST_ROUNDS} mean minus that of the run with the same seed and grid values but "
             f"{res.axis_label(key)} = {reference} (same data, initialisation, cohorts and batches); in points, "
-            f"mean ± sample std over the paired seeds, and how many seeds share the mean's sign."
+            f"mean ± sample std over the paired seeds, and how many seeds share the mean's sign; "
+            f"{NEEDS_SEEDS}: the mean difference is smaller than its spread, so this comparison needs more seeds."
         )
         for metric in PAIRED_METRICS:
             parts.append(f"### {metric.title}\n\n{markdown_table(paired_table(res, metric.key))}")
@@ -542,13 +521,6 @@ def curves(
             xs = sorted(by_round)
             out[curve] = (xs, [sum(by_round[x]) / len(by_round[x]) for x in xs])
     return out
-
-
-def _figure(width: float = 8.0, height: float = 5.0):  # type: ignore[no-untyped-def]
-    from matplotlib.figure import Figure  # no pyplot: works headless and inside notebooks
-
-    fig = Figure(figsize=(width, height), layout="constrained")
-    return fig, fig.add_subplot()
 
 
 def plot_curves(

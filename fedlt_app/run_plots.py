@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fedlt_app.report import VALUE_NAMES, _figure, read_rounds
-
 CURVES, PER_CLASS, PARTITION = "curves.png", "per_class.png", "partition.png"
 NEEDS = {  # what each picture is drawn from, for the line that says why one is missing
     CURVES: "rounds with accuracy in metrics.jsonl",
@@ -43,6 +41,21 @@ MAX_CLASS_LABELS = 40  # per_class.png names each point's class up to this many 
 DPI = 110  # as report.py's sweep plots
 MISSING_MATPLOTLIB = ("[fedlt] pictures skipped: matplotlib is not installed "
                       "(pip install matplotlib, or reinstall the app: pip install -e '.[dev]')")
+
+VALUE_NAMES = {  # how run-config values read in titles and legends (also the sweep report's)
+    "method": {
+        "fedavg": "FedAvg+CE",
+        "fedprox": "FedProx",
+        "focal": "Fed-Focal Loss",
+        "fedlc": "FedLC",
+        "ratio-loss": "Ratio Loss",
+        "climb": "CLIMB",
+        "creff": "CReFF",
+        "redgrape": "RedGrape",
+        "grape-la": "GRAPE-LA (fedlt)",
+    },
+    "server-opt": {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam"},
+}
 
 
 class RunDirError(ValueError):
@@ -73,6 +86,21 @@ class RunData:
         return "active-learning cycle" if any("cycle" in r for r in self.rounds) else "communication round"
 
 
+def read_rounds(run_dir: Path) -> list[dict[str, Any]]:
+    """metrics.jsonl's rows; a torn last line (a killed run) is dropped."""
+    rows = []
+    try:
+        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    for line in lines:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            continue
+    return rows
+
+
 def load_run(path: str | Path) -> RunData:
     """Read a run folder's config.json and metrics.jsonl; :class:`RunDirError` names a folder without them."""
     run_dir = Path(path).expanduser()
@@ -90,6 +118,13 @@ def has_matplotlib() -> bool:
 
 
 # ------------------------------------------------------------------ figures
+
+
+def _figure(width: float = 8.0, height: float = 5.0):  # type: ignore[no-untyped-def]
+    from matplotlib.figure import Figure  # no pyplot: works headless and inside notebooks
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    return fig, fig.add_subplot()
 
 
 def _series(run: RunData, metric: str) -> tuple[list[int], list[float]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
@@ -21,54 +21,18 @@ from fedlt_app.checkpoint import (
 )
 from fedlt_app.active.driver import run_active_learning
 from fedlt_app.config import ConfigError, RunConfig, resolve
+from fedlt_app.configured_data import federated_data
 from fedlt_app.data import tail_classes
+from fedlt_app.discovery import discover_clients
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
 from fedlt_app.precision import precision_for
 from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
+from fedlt_app.secagg.flower_server import SecureRounds
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
-from fedlt_app.task import federated_data, initial_model, resolve_device
+from fedlt_app.task import initial_model, resolve_device
 
 app = ServerApp()
-
-DISCOVERY_TIMEOUT = 300.0
-
-
-def discover_clients(grid: Grid, timeout: float = DISCOVERY_TIMEOUT) -> dict[int, int]:
-    """Map partition id -> node id for every client of the federation.
-
-    Node ids are random per run, so seeded cohorts are drawn over partition
-    ids instead. Waits until as many nodes as ``num-partitions`` have joined.
-    """
-    node_of_partition: dict[int, int] = {}
-    expected: int | None = None
-    queried: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while expected is None or len(node_of_partition) < expected:
-        new_nodes = [n for n in grid.get_node_ids() if n not in queried]
-        if new_nodes:
-            messages = [
-                Message(RecordDict(), dst_node_id=node, message_type=f"{MessageType.QUERY}.partition")
-                for node in new_nodes
-            ]
-            for reply in grid.send_and_receive(messages, timeout=timeout):
-                if reply.has_error():
-                    raise RuntimeError(f"node {reply.metadata.src_node_id} failed to report its partition: "
-                                       f"{reply.error.reason}")
-                record = reply.content["partition"]
-                partition_id, total = int(record["partition-id"]), int(record["num-partitions"])
-                if partition_id in node_of_partition:
-                    raise ValueError(f"partition-id {partition_id} is held by two nodes; give each node its own")
-                node_of_partition[partition_id] = reply.metadata.src_node_id
-                expected = total if expected is None else expected
-                if total != expected:
-                    raise ValueError(f"num-partitions disagrees between nodes ({total} vs {expected})")
-            queried.update(new_nodes)
-        elif time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(node_of_partition)} of {expected or '?'} clients joined in {timeout:.0f} s")
-        else:
-            time.sleep(0.5)
-    return node_of_partition
 
 
 def checkpoint_state(strategy: FedLTStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord) -> dict:
@@ -86,8 +50,8 @@ def restore(strategy: FedLTStrategy, cfg: RunConfig, run_dir: Path) -> int:
     """Load a checkpoint into the strategy; returns the last finished round."""
     state = load_checkpoint(run_dir)
     check_resumable(state["run_config"], cfg.as_dict())
-    strategy.global_model.load_state_dict(ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
-                                          .to_torch_state_dict())
+    strategy.global_model.load_travelling_state(ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
+                                                .to_torch_state_dict())
     restore_optimizer_state(strategy.inner, state["optimizer"])
     strategy.server_method.load_state_dict(state["method"])
     torch.set_rng_state(state["torch_rng"])
@@ -119,6 +83,7 @@ def main(grid: Grid, context: Context) -> None:
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
         max_failure_fraction=cfg.max_failure_fraction,
+        secure=SecureRounds(cfg.secagg_min_cohort, cfg.round_timeout) if cfg.secure_aggregation == "secagg" else None,
     )
     done = 0
     if cfg.resume_from:
@@ -139,7 +104,10 @@ def main(grid: Grid, context: Context) -> None:
             current = strategy.current
             if current is None:  # Flower's round-0 call: the initial (or resumed) model, not a round
                 return None
-            model.load_state_dict(arrays.to_torch_state_dict())
+            model.load_travelling_state(arrays.to_torch_state_dict())
+            if strategy.server_method.wants_statistics(current.server_round):  # e.g. CCVR's calibration
+                reports = strategy.collect_statistics(grid, arrays, cfg.round_timeout)
+                strategy.server_method.absorb_statistics(current.server_round, model, reports)
             evaluation_started = time.perf_counter()
             result = evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels,
                               cfg.dataset, tail, data.class_counts, precision=precision)
@@ -170,7 +138,7 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.num_server_rounds > done:
             strategy.start(
                 grid=grid,
-                initial_arrays=ArrayRecord(model.state_dict()),
+                initial_arrays=ArrayRecord(model.travelling_state()),
                 num_rounds=cfg.num_server_rounds - done,
                 timeout=cfg.round_timeout,
                 train_config=ConfigRecord(),

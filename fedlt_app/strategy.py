@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from logging import INFO, WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
@@ -37,8 +37,11 @@ from fedlt_app.records import (
     payload_to_record,
     record_to_payload,
 )
+from fedlt_app.secagg.errors import SecAggError
+from fedlt_app.secagg.flower_server import SecureRounds
 
 METHOD_KEY = "method"
+STATISTICS_QUERY = "method_statistics"  # ServerMethod.wants_statistics -> ClientMethod.statistics
 
 
 ADAM_BETAS = (0.9, 0.999)
@@ -149,6 +152,7 @@ class FedLTStrategy(Strategy):
         seed: int,
         max_failure_fraction: float = 0.5,
         first_round: int = 1,
+        secure: SecureRounds | None = None,
     ) -> None:
         self.inner = inner
         self.server_method = server_method
@@ -158,6 +162,7 @@ class FedLTStrategy(Strategy):
         self.clients_per_round = clients_per_round
         self.seed = seed
         self.max_failure_fraction = max_failure_fraction
+        self.secure = secure  # secure-aggregation=secagg: the protocol's query rounds around each train round
         self.round_offset = first_round - 1
         self.current: RoundLog | None = None
 
@@ -172,10 +177,15 @@ class FedLTStrategy(Strategy):
     ) -> Iterable[Message]:
         server_round += self.round_offset
         cohort = sample_cohort(len(self.node_of_partition), self.clients_per_round, self.seed, server_round)
+        if not self.server_method.asks_clients_to_train:  # nothing to train (zero-shot): no messages at all
+            self.current = RoundLog(server_round, [])
+            return []
         self.current = RoundLog(server_round, cohort)
         view = _CohortGrid(grid, [self.node_of_partition[p] for p in cohort])
         messages = list(self.inner.configure_train(server_round, arrays, config, view))  # type: ignore[arg-type]
-        self.global_model.load_state_dict(arrays.to_torch_state_dict())
+        if self.secure is not None:
+            messages = self._secure_prepare(grid, server_round, messages, arrays)
+        self.global_model.load_travelling_state(arrays.to_torch_state_dict())
         payload = self.server_method.broadcast(server_round, self.global_model)
         for message in messages:
             if payload:
@@ -188,15 +198,20 @@ class FedLTStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        if not self.server_method.asks_clients_to_train:
+            return None, None  # the arrays stay as they are; Flower still evaluates the round
         current = self.current or RoundLog(server_round, [])
         # Arrival order varies from run to run; floating-point sums must not.
         replies = sorted(replies, key=lambda r: self.partition_of_node.get(r.metadata.src_node_id, -1))
         succeeded = [r for r in replies if not r.has_error()]
         self._record_failures(server_round, current, replies)
+        if self.secure is not None:  # masked vectors in, one reply holding the weighted mean out
+            succeeded = [self._secure_aggregate(server_round, current, succeeded)]
         reports: list[ClientReport] = []
         for reply in succeeded:
-            current.bytes_up += content_nbytes(reply.content)
-            current.parameters_up += content_parameters(reply.content)
+            if self.secure is None:  # (secure: the masked replies were counted as they came)
+                current.bytes_up += content_nbytes(reply.content)
+                current.parameters_up += content_parameters(reply.content)
             extra = reply.content.pop(METHOD_KEY) if METHOD_KEY in reply.content else None
             partition_id = self.partition_of_node[reply.metadata.src_node_id]
             num_examples = int(reply.content["metrics"]["num-examples"])
@@ -214,6 +229,62 @@ class FedLTStrategy(Strategy):
         if arrays is not None:
             average_buffers(arrays, succeeded)
         return arrays, metrics
+
+    def collect_statistics(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> list[ClientReport]:
+        """Every client's ``ClientMethod.statistics`` on ``arrays`` (the new global model), outside training.
+
+        All clients answer, not only the round's cohort; the bytes count in this round's log. A client that
+        fails is logged and left out; when none answers the run stops.
+        """
+        current = self.current
+        assert current is not None, "statistics are gathered within a round"
+        config = ConfigRecord({"server-round": current.server_round})
+        messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+                            message_type=f"{MessageType.QUERY}.{STATISTICS_QUERY}")
+                    for _, node in sorted(self.node_of_partition.items())]
+        current.bytes_down += sum(content_nbytes(m.content) for m in messages)
+        current.parameters_down += sum(content_parameters(m.content) for m in messages)
+        replies = sorted(grid.send_and_receive(messages, timeout=timeout),
+                         key=lambda r: self.partition_of_node.get(r.metadata.src_node_id, -1))
+        reports = []
+        for reply in replies:
+            partition_id = self.partition_of_node.get(reply.metadata.src_node_id, -1)
+            if reply.has_error():
+                log(WARNING, "Client with partition-id %d failed the statistics query in round %d: %s",
+                    partition_id, current.server_round, reply.error.reason)
+                continue
+            current.bytes_up += content_nbytes(reply.content)
+            current.parameters_up += content_parameters(reply.content)
+            reports.append(ClientReport(partition_id, 0, record_to_payload(reply.content.get(METHOD_KEY))))
+        if not reports:
+            raise ClientFailures(f"round {current.server_round}: no client answered the statistics query")
+        return reports
+
+    def _secure_prepare(self, grid: Grid, server_round: int, messages: list[Message],
+                        arrays: ArrayRecord) -> list[Message]:
+        """The key and share rounds on the cohort; the train messages of the nodes that shared keys."""
+        assert self.secure is not None and self.current is not None
+        try:
+            kept = self.secure.prepare(grid, server_round, messages, arrays)
+        except SecAggError as err:
+            raise ClientFailures(f"round {server_round}: {err} (secure-aggregation=secagg)") from err
+        finally:
+            self.current.bytes_down += self.secure.bytes_down
+            self.current.bytes_up += self.secure.bytes_up
+        return kept
+
+    def _secure_aggregate(self, server_round: int, current: RoundLog, succeeded: list[Message]) -> Message:
+        """Unmasks the sum of the masked replies; one synthetic reply with the cohort's weighted mean."""
+        assert self.secure is not None
+        current.bytes_up += sum(content_nbytes(r.content) for r in succeeded)
+        up, down = self.secure.bytes_up, self.secure.bytes_down
+        try:
+            return self.secure.aggregate(succeeded)
+        except SecAggError as err:
+            raise ClientFailures(f"round {server_round}: {err} (secure-aggregation=secagg)") from err
+        finally:
+            current.bytes_down += self.secure.bytes_down - down
+            current.bytes_up += self.secure.bytes_up - up
 
     def _record_failures(self, server_round: int, current: RoundLog, replies: list[Message]) -> None:
         """Log every client that raised or did not answer; stop past the threshold.

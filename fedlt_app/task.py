@@ -10,7 +10,8 @@ import torch
 from torch import Tensor
 
 from fedlt_app.config import RunConfig
-from fedlt_app.data import FederatedData, load_federated_data
+from fedlt_app.configured_data import federated_data
+from fedlt_app.data import FederatedData
 from fedlt_app.methods import get_method
 from fedlt_app.models import EncoderClassifier, build_model
 
@@ -21,22 +22,6 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("device: 'cuda' was asked for but no CUDA device is visible (use device='auto' or 'cpu')")
     return torch.device(name)
-
-
-def federated_data(cfg: RunConfig, num_clients: int) -> FederatedData:
-    """The run's long-tailed, partitioned data (decoded once per process)."""
-    return load_federated_data(
-        dataset=cfg.dataset,
-        data_dir=cfg.data_dir or None,
-        imbalance_profile=cfg.imbalance_profile,
-        imbalance_ratio=cfg.imbalance_ratio,
-        minority_classes=cfg.minority_class_tuple,
-        partition=cfg.partition,
-        dirichlet_alpha=cfg.dirichlet_alpha,
-        num_clients=num_clients,
-        seed=cfg.seed,
-        samples_per_class=cfg.samples_per_class,
-    )
 
 
 def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:
@@ -67,10 +52,13 @@ def client_dataset(cfg: RunConfig, node_config: Mapping[str, Any]) -> tuple[Fede
 
 
 def method_model(cfg: RunConfig, data: FederatedData) -> EncoderClassifier:
-    """The network the method trains (RedGrape's carries Ŵ as well)."""
+    """The network the method trains (RedGrape's carries Ŵ as well; CLIP methods build their own)."""
+    method = get_method(cfg.method)
+    if method.build is not None:
+        return method.build(cfg, data, resolve_device(cfg.device))
     _, channels, height, _ = data.dataset.train_images.shape
     model = build_model(cfg.model, data.num_classes, channels, height)
-    return get_method(cfg.method).extend_model(model)
+    return method.extend_model(model)
 
 
 def initial_model(cfg: RunConfig, data: FederatedData) -> EncoderClassifier:

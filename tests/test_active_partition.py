@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fedlt_app.active.partition import dir_balance, dir_balance_counts
 from fedlt_app.config import resolve
 from fedlt_app.data import longtail_counts, partition_indices
+from fedlt_app.data.partition import dir_balance, dir_balance_counts
 
 
 def _toy_labels(seed: int = 0) -> np.ndarray:

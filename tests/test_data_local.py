@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from fedlt_app.config import resolve
+from fedlt_app.configured_data import federated_data
 from fedlt_app.data import DatasetNotFoundError, load_dataset
 from fedlt_app.data.local import (
     DATASET_SPECS,
@@ -20,7 +21,7 @@ from fedlt_app.data.local import (
     local_client_dataset,
     main,
 )
-from fedlt_app.task import client_dataset, federated_data, method_model
+from fedlt_app.task import client_dataset, method_model
 
 SMALL = "samples-per-class=40 imbalance-ratio=10.0"
 

@@ -90,7 +90,8 @@ def cnn() -> torch.nn.Module:
     return build_model("cnn", 10, 1, 28)
 
 
-def test_one_bf16_step_stays_close_to_fp32_and_keeps_fp32_weights() -> None:
+def test_one_bf16_step_stays_close_to_fp32_and_keeps_fp32_weights(native_cpu) -> None:  # type: ignore[no-untyped-def]
+    native_cpu(True)  # the numerics are bf16's on any CPU (emulated, slower, where not native)
     reference = one_step(cnn(), "fp32")
     model = cnn()
     update = one_step(model, "bf16")
@@ -136,7 +137,8 @@ def test_fp16_with_gradient_scaling_trains_fp32_weights() -> None:
     assert all(v.dtype == torch.float32 and torch.isfinite(v).all() for v in model.state_dict().values())
 
 
-def test_prototypes_and_reports_are_fp32_in_bf16() -> None:
+def test_prototypes_and_reports_are_fp32_in_bf16(native_cpu) -> None:  # type: ignore[no-untyped-def]
+    native_cpu(True)  # emulated where the CPU lacks native bf16: same dtypes, the point of this test
     for method in ("redgrape", "creff"):
         model = get_method(method).extend_model(cnn())
         g = torch.Generator().manual_seed(0)

@@ -284,3 +284,20 @@ def test_balanced_set_has_t_real_samples_of_each_sufficient_class(lam: float) ->
     assert method._balanced_y.tolist().count(0) == 2 and method._balanced_y.tolist().count(1) == 2
     assert set(method._balanced_y.tolist()) == {0, 1}
     assert method._num_missing == 2
+
+
+@pytest.mark.parametrize("step", ["plain", "combined"])
+def test_w_minus_w_hat_moves_only_by_the_rebalancing(step: str) -> None:
+    """The two-head loss sees only W + Ŵ, so both get the same gradient (and momentum, and clip):
+    W − Ŵ keeps its initial value at λ = 0 and is changed only by the re-balancing otherwise."""
+    images, labels = tiny_data([20, 9, 4, 1])
+    differences = []
+    for lam in (0.0, 0.5):
+        model = tiny_model()
+        start = (model.classifier.weight - model.supplementary.weight).detach().clone()
+        cfg = config(**{"rebalance-lambda": lam, "rebalance-step": step, "grad-clip": 0.5})
+        train_locally(model, images, labels, RedGrapeClient(cfg, NUM_CLASSES, prototype_payload()),
+                      setup(epochs=2, batch_size=8), torch.Generator().manual_seed(3))
+        differences.append((model.classifier.weight - model.supplementary.weight).detach() - start)
+    torch.testing.assert_close(differences[0], torch.zeros_like(differences[0]), rtol=0, atol=1e-6)
+    assert differences[1].abs().max() > 1e-3

@@ -10,9 +10,9 @@ import pytest
 
 from fedlt_app import run_plots
 from fedlt_app.config import resolve
+from fedlt_app.configured_data import federated_data
 from fedlt_app.data import longtail_counts, tail_classes
 from fedlt_app.results import RunRecorder, federation_info
-from fedlt_app.task import federated_data
 from fixtures.fake_runs import CLASS_COUNTS, round_record, write_run
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -500,12 +500,15 @@ def test_paired_differences_to_the_reference_per_seed(paired_sweep: Path, stem: 
             mean = statistics.mean(diffs)
             agree = sum((d > 0) if mean >= 0 else (d < 0) for d in diffs)
             expected = f"{mean:+.2f} ± {statistics.stdev(diffs):.2f} ({agree}/{len(diffs)} {'>' if mean >= 0 else '<'} 0)"
+            if abs(mean) < statistics.stdev(diffs):
+                expected += " ‡"  # smaller than its spread: more seeds needed
             if len(diffs) < 3:
                 expected += f" ({len(diffs)}/3 seeds paired)"
             assert entry == expected
     assert lines[2][2].endswith("(2/3 seeds paired)")
     text = (paired_sweep / "table.md").read_text()
     assert "## Paired differences to FedAvg+CE" in text
+    assert "‡: the mean difference is smaller than its spread" in text
 
 
 def test_paired_needs_a_grid_key_and_one_of_its_values() -> None:

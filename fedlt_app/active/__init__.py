@@ -5,7 +5,6 @@ each cycle trains a model on the clients' labeled sets only, then every client
 queries more labels from its own unlabeled pool. Modules:
 
 * ``budget``: labeled-ratio cycles and the per-client budget (pure);
-* ``partition``: the class-balanced ``dir-balance`` split (pure numpy);
 * ``pool``: a client's partition whose unlabeled part exposes images only;
 * ``query``, ``kcenter``, ``local_only``: FairFAL's query and the random /
   entropy baselines (torch, no Flower);
@@ -13,6 +12,7 @@ queries more labels from its own unlabeled pool. Modules:
   ServerApp's cycle loop);
 * ``plot``, ``compare``: the accuracy-vs-labeled-ratio figure and a runner.
 
-This file imports nothing so that the data package can reach ``partition``
-without loading Flower.
+FairFAL's class-balanced ``dir-balance`` split is a partition scheme like the
+others, in :mod:`fedlt_app.data.partition`. This file imports nothing, so a
+pure module (``budget``) loads without Flower.
 """

@@ -31,7 +31,9 @@ from fedlt_app.active import protocol
 from fedlt_app.active.budget import BudgetPlan, budget_plan, capacity_problems
 from fedlt_app.active.query import choose_models
 from fedlt_app.config import ConfigError, RunConfig
+from fedlt_app.configured_data import federated_data
 from fedlt_app.data import FederatedData, tail_classes
+from fedlt_app.discovery import discover_clients
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
 from fedlt_app.models import EncoderClassifier
@@ -39,7 +41,7 @@ from fedlt_app.records import content_nbytes
 from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
 from fedlt_app.precision import precision_for
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
-from fedlt_app.task import federated_data, resolve_device
+from fedlt_app.task import resolve_device
 
 QUERY_TIMEOUT = 3600.0  # seconds per query pass, as Strategy.start's per-round timeout
 
@@ -135,8 +137,6 @@ def _plan(cfg: RunConfig, data: FederatedData, num_clients: int) -> BudgetPlan:
 
 def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     """The ServerApp's main for ``al-method`` other than "none"."""
-    from fedlt_app.server_app import discover_clients  # server_app imports this module
-
     device = resolve_device(cfg.device)
     precision = precision_for(cfg.precision, device)
     federation = Federation(grid, discover_clients(grid))

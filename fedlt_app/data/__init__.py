@@ -7,9 +7,10 @@ code serves simulation, deployment and tests.
 
 from .federated import NATURAL_CLIENT_DATASETS, FederatedData, load_federated_data
 from .femnist import load_femnist
+from .image_dataset import DatasetNotFoundError, ImageDataset
 from .longtail import IMBALANCE_PROFILES, longtail_counts, longtail_indices, tail_classes
 from .partition import PARTITIONS, WRITER_PARTITION, partition_indices, partition_writers, sample_dirichlet
-from .sources import DATASETS, DatasetNotFoundError, ImageDataset, load_dataset
+from .sources import DATASETS, load_dataset
 from .transforms import augment, to_float
 
 __all__ = [

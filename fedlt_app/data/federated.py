@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .image_dataset import ImageDataset
 from .longtail import longtail_counts, longtail_indices
 from .partition import WRITER_PARTITION, partition_indices, partition_writers
-from .sources import ImageDataset, load_dataset
+from .sources import load_dataset
 
 
 @dataclass(frozen=True, eq=False)

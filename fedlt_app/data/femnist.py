@@ -44,7 +44,7 @@ from types import ModuleType
 import numpy as np
 import torch
 
-from .sources import DatasetNotFoundError, ImageDataset
+from .image_dataset import DatasetNotFoundError, ImageDataset
 
 NUM_CLASSES = 62
 IMAGE_SIZE = 28

@@ -38,7 +38,7 @@ import torch
 from flwr.common.logger import log
 
 from .federated import FederatedData
-from .sources import ImageDataset
+from .image_dataset import ImageDataset
 
 LOCAL_DATA_KEY = "local-data"  # the node-config key naming the directory
 TRAIN_FILE = "train.npz"
@@ -198,7 +198,7 @@ def export_partition(run_config: str, partition_id: int, num_partitions: int, ou
     from flwr.common.config import parse_config_args
 
     from fedlt_app.config import resolve
-    from fedlt_app.task import federated_data
+    from fedlt_app.configured_data import federated_data
 
     cfg = resolve(parse_config_args([run_config]) if run_config.strip() else {})
     data = federated_data(cfg, num_partitions)

@@ -14,11 +14,13 @@ import gzip
 import os
 import pickle
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .femnist import load_femnist
+from .image_dataset import DatasetNotFoundError, ImageDataset
 
 DATASETS = ("mnist", "fmnist", "cifar10", "cifar100", "femnist")
 
@@ -36,35 +38,6 @@ _CIFAR10_DIR = "cifar-10-batches-py"
 _CIFAR10_TRAIN = tuple(f"data_batch_{i}" for i in range(1, 6))
 _CIFAR10_TEST = "test_batch"
 _CIFAR100_DIR = "cifar-100-python"
-
-
-class DatasetNotFoundError(FileNotFoundError):
-    """The files of a data set are in none of the places we search.
-
-    A subclass of FileNotFoundError so generic handlers still work, but a
-    distinct type so callers (and tests) can tell "data missing" from other
-    I/O failures.
-    """
-
-
-@dataclass(frozen=True, eq=False)
-class ImageDataset:
-    """A decoded data set, kept as uint8 so that it stays small in memory.
-
-    Tensors are shared by every caller (the loader caches them per process):
-    treat them as read-only. ``eq=False`` keeps identity semantics, since an
-    element-wise tensor comparison has no meaning as dataclass equality.
-    """
-
-    name: str
-    num_classes: int
-    train_images: torch.Tensor  # uint8, (N, C, H, W), contiguous
-    train_labels: torch.Tensor  # int64, (N,)
-    test_images: torch.Tensor  # uint8, (M, C, H, W), contiguous
-    test_labels: torch.Tensor  # int64, (M,)
-    # int64, (N,): index of each training sample's writer in the sorted list of
-    # writer names, for data sets with natural clients (FEMNIST); else None.
-    train_writers: torch.Tensor | None = None
 
 
 def load_dataset(name: str, data_dir: str | os.PathLike[str] | None) -> ImageDataset:
@@ -88,8 +61,6 @@ def _load_cached(name: str, data_dir: str) -> ImageDataset:
     if name in ("mnist", "fmnist"):
         return _load_idx_dataset(name, root)
     if name == "femnist":
-        from .femnist import load_femnist  # imported here: femnist imports this module
-
         return load_femnist(root)
     return _load_cifar_dataset(name, root)
 

@@ -26,6 +26,19 @@ def _check(images: torch.Tensor, dataset: str) -> None:
         raise ValueError(f"expected a uint8 batch of shape (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
 
 
+def normalisation(dataset: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel that :func:`to_float` applied after scaling to [0, 1] ((0,), (1,): none).
+
+    What a model that needs the [0, 1] image back (CLIP's input) must undo.
+    """
+    if dataset in _NORMALISATION:
+        return _NORMALISATION[dataset]
+    if dataset in _GRAYSCALE:
+        return (0.0,), (1.0,)
+    raise ValueError(f"dataset: unknown data set {dataset!r}; allowed values are "
+                     f"{', '.join((*_GRAYSCALE, *_NORMALISATION))}")
+
+
 def to_float(images_uint8: torch.Tensor, dataset: str) -> torch.Tensor:
     """ToTensor (+ Normalize for CIFAR): the evaluation-time transform.
 

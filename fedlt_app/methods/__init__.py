@@ -4,15 +4,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, extend_nothing
+from fedlt_app.methods.ccvr import CCVRClient, CCVRServer
 from fedlt_app.methods.climb import ClimbClient, ClimbServer
 from fedlt_app.methods.creff import CReFFClient, CReFFServer
 from fedlt_app.methods.fedlc import FedLCClient
 from fedlt_app.methods.focal import FocalClient
+from fedlt_app.methods.grape_la import GrapeLAClient, GrapeLAServer
+from fedlt_app.methods.moon import MoonClient, MoonServer, add_projection_head
 from fedlt_app.methods.ratio_loss import RatioLossClient, RatioLossServer
 from fedlt_app.methods.redgrape import RedGrapeClient, RedGrapeServer, add_supplementary_classifier
+from fedlt_app.methods.vision_language import ZeroShotServer, promptfl_model, zero_shot_model
 from fedlt_app.models import EncoderClassifier
+
+if TYPE_CHECKING:
+    import torch
+
+    from fedlt_app.config import RunConfig
+    from fedlt_app.data import FederatedData
 
 
 @dataclass(frozen=True)
@@ -20,6 +31,8 @@ class Method:
     client: type[ClientMethod]
     server: type[ServerMethod]
     extend_model: Callable[[EncoderClassifier], EncoderClassifier] = extend_nothing
+    # A method with its own network (CLIP's) builds it from (cfg, data, device); None: the `model` key's network.
+    build: Callable[[RunConfig, FederatedData, torch.device], EncoderClassifier] | None = None
 
 
 METHODS: dict[str, Method] = {
@@ -30,7 +43,14 @@ METHODS: dict[str, Method] = {
     "ratio-loss": Method(RatioLossClient, RatioLossServer),
     "climb": Method(ClimbClient, ClimbServer),
     "creff": Method(CReFFClient, CReFFServer),
+    "ccvr": Method(CCVRClient, CCVRServer),  # calibration: a statistics query before each evaluation
+    "moon": Method(MoonClient, MoonServer, add_projection_head),  # keeps each client's previous model on its node
     "redgrape": Method(RedGrapeClient, RedGrapeServer, add_supplementary_classifier),
+    # fedlt's own method (not a paper's): RedGrape + logit adjustment by the class prior
+    "grape-la": Method(GrapeLAClient, GrapeLAServer, add_supplementary_classifier),
+    # on a frozen CLIP (optional extra, clip-weights): zero-shot reference and federated CoOp
+    "zero-shot-clip": Method(ClientMethod, ZeroShotServer, build=zero_shot_model),
+    "promptfl": Method(ClientMethod, ServerMethod, build=promptfl_model),
 }
 
 

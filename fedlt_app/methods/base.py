@@ -3,6 +3,12 @@
 Methods never see Flower: they exchange plain ``dict[str, np.ndarray]``
 payloads, which the client and server apps turn into ArrayRecords. Adding a
 method means writing these hooks, never another training loop.
+
+A client method may also keep arrays *on its client* from one round to the
+next (MOON's previous local model; local heads): ``ClientMethod.state`` in,
+``ClientMethod.state_to_keep`` out. The client app stores them in the node's
+Flower ``context.state`` (``fedlt_app.records.CLIENT_STATE_KEY``), so they
+never travel and never reach the server.
 """
 
 from __future__ import annotations
@@ -18,9 +24,11 @@ from torch.nn import functional as F
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
 from fedlt_app.models import EncoderClassifier
-from fedlt_app.precision import precision_for
+from fedlt_app.precision import Precision, precision_for
 
 Payload = dict[str, np.ndarray]
+ClientState = dict[str, np.ndarray]
+"""Arrays a client method keeps on its own node between the rounds it trains in."""
 
 
 class ClientMethod:
@@ -28,12 +36,23 @@ class ClientMethod:
 
     Subclasses change the loss or add work around the optimizer step; the
     loop that calls these hooks lives in ``fedlt_app.train``.
+
+    ``payload`` is what the server's ``broadcast`` sent this round. ``state``
+    is this node's persistent store: what ``state_to_keep`` returned the last
+    time this method trained on this node in this Flower run. It is empty the
+    first time a node trains, after a failed round (nothing is saved then),
+    and in a run continued with ``resume-from``: that is a new Flower run, so
+    every node starts a new state (the server's checkpoint cannot hold it;
+    in a deployment it never leaves the client). In simulation every node's
+    state lives in the simulation process's memory, so keep it small or
+    expect memory to grow with the number of clients.
     """
 
-    def __init__(self, cfg: RunConfig, num_classes: int, payload: Payload) -> None:
+    def __init__(self, cfg: RunConfig, num_classes: int, payload: Payload, state: ClientState | None = None) -> None:
         self.cfg = cfg
         self.num_classes = num_classes
         self.payload = payload
+        self.state: ClientState = dict(state) if state else {}
 
     def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> None:
         """Run once on the received model before the first local step.
@@ -59,6 +78,22 @@ class ClientMethod:
         """Arrays sent back to the server beside the model."""
         return {}
 
+    def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision) -> Payload:
+        """Answer the server's statistics query (outside training) about ``model`` on the local data.
+
+        Only methods whose server part ``wants_statistics`` implement it (CCVR's per-class feature moments).
+        """
+        return {}
+
+    def state_to_keep(self, model: EncoderClassifier) -> ClientState:
+        """What this node keeps for the next round it trains in: it replaces ``state``.
+
+        Called once, after local training succeeded, with the trained model
+        (an empty result stores nothing). By default the state is kept as it
+        came, so a method that never writes it stores nothing.
+        """
+        return self.state
+
 
 @dataclass(frozen=True)
 class ClientReport:
@@ -74,8 +109,13 @@ class ServerMethod:
 
     Hooks run in this order each round: ``broadcast`` (with the global model
     being sent), then, on the replies that succeeded, ``aggregation_weights``
-    and ``absorb``; ``evaluation_model`` picks what the server tests.
+    and ``absorb``; if ``wants_statistics``, every client's ``statistics`` answer on
+    the new global model goes to ``absorb_statistics``; ``evaluation_model``
+    picks what the server tests.
     """
+
+    # False: a method with nothing to train (zero-shot CLIP); rounds send no training messages.
+    asks_clients_to_train: bool = True
 
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         self.cfg = cfg
@@ -95,6 +135,15 @@ class ServerMethod:
 
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
         """Take this round's client payloads (only replies that succeeded)."""
+
+    def wants_statistics(self, server_round: int) -> bool:
+        """Whether, before this round's evaluation, every client answers ``ClientMethod.statistics`` on the
+        new global model (an extra query round trip outside training)."""
+        return False
+
+    def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
+                          reports: list[ClientReport]) -> None:
+        """Take the statistics query's answers (only replies that succeeded); runs before ``evaluation_model``."""
 
     def evaluation_model(self, global_model: EncoderClassifier) -> EncoderClassifier:
         """The network the server evaluates, given the new global model."""

@@ -42,6 +42,7 @@ from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData, augment
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
 from fedlt_app.methods.redgrape import gradient_prototypes
+from fedlt_app.methods.retrain import retrain_linear
 from fedlt_app.models import EncoderClassifier
 
 EPS = 1e-6
@@ -152,15 +153,9 @@ class CReFFServer(ServerMethod):
         """A fresh linear classifier, trained on the (detached) federated features (SGD, no momentum,
         batch 32, ``creff-retrain-epochs`` epochs at ``creff-retrain-lr``)."""
         classifier = self._fresh_classifier(self.features.shape[1])
-        optimizer = torch.optim.SGD(classifier.parameters(), lr=self.cfg.creff_retrain_lr)
-        features, labels = self.features.detach(), self.feature_labels
-        for _ in range(self.cfg.creff_retrain_epochs):
-            for batch in torch.randperm(len(labels), generator=self.generator).split(32):
-                optimizer.zero_grad(set_to_none=True)
-                with self.precision.autocast():  # per step: the weights change between forwards
-                    logits = classifier(features[batch]).float()
-                F.cross_entropy(logits, labels[batch]).backward()
-                optimizer.step()
+        retrain_linear(classifier, self.features, self.feature_labels, epochs=self.cfg.creff_retrain_epochs,
+                       lr=self.cfg.creff_retrain_lr, batch_size=32, generator=self.generator,
+                       precision=self.precision)
         return classifier
 
     def evaluation_model(self, global_model: EncoderClassifier) -> EncoderClassifier:

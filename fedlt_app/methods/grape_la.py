@@ -1,0 +1,119 @@
+"""GRAPE-LA: RedGrape with logit adjustment by the class prior (fedlt's own method).
+
+Not a published method: fedlt's extension of RedGrape (README, "fedlt's own
+method: GRAPE-LA", gives the reasoning and the ablation). It keeps all of
+RedGrape — the two-head local loss, the prototype-based re-balancing of W
+(``rebalance-lambda``, ``rebalance-step``, ``balance-threshold``) and the
+server's prototype store — and adds the logit adjustment of Menon et al.
+(ICLR 2021) to the training logits::
+
+    loss = CE(Wᵀh + Ŵᵀh + τ·log π, y)        inference: argmax Wᵀh (unchanged)
+
+Why. Instance-balanced cross-entropy learns p(y|x) ∝ p(x|y)·π(y): with the
+training prior π long-tailed, a rare class must beat a frequent look-alike
+by the log of their count ratio. Adding τ·log π to the training logits makes
+the softmax absorb the prior, so the network's own logits estimate
+p(x|y) — the Bayes classifier for the *balanced* error the tables report.
+RedGrape's re-balancing corrects W one step at a time from a balanced set
+and the prototypes; the adjustment removes the prior from every training
+step's target instead. And with the two-head loss, W and Ŵ receive identical
+gradients (the loss sees only their sum), so W − Ŵ moves only by the
+re-balancing steps: the head-bias RedGrape wants Ŵ to absorb goes into W
+just the same. The prior term is what actually keeps it out.
+
+Which prior (``grape-la-prior``):
+
+* ``global`` (default): π = the federation's class distribution. Clients
+  report their class counts; the server sums each round's reports (a sum, so
+  secure aggregation can carry it) and broadcasts the normalised running
+  total. Summed over clients, the local losses are the centralised
+  logit-adjusted loss on all the data, whose minimiser is the balanced
+  classifier. Before the first prior arrives (round 1) a client uses its
+  own counts.
+* ``local``: π = the client's own label distribution (a balanced softmax per
+  client). A class the client lacks gets log 0 = −∞: it leaves the client's
+  softmax, so the client never pushes down the logit of a class it has not
+  seen (the drift FedRS and FedLC address).
+
+``grape-la-tau`` = 0 is RedGrape exactly (a test holds it to that).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from fedlt_app.config import RunConfig
+from fedlt_app.data import FederatedData
+from fedlt_app.methods.base import ClientReport, Payload
+from fedlt_app.methods.redgrape import RedGrapeClient, RedGrapeServer, two_head_logits
+from fedlt_app.models import EncoderClassifier
+
+PRIOR_KEY = "class-prior"
+COUNTS_KEY = "class-counts"
+
+
+def log_prior_adjustment(prior: Tensor, tau: float) -> Tensor:
+    """τ·log π per class (−∞ where π = 0; all zeros when τ = 0)."""
+    prior = prior.double()
+    if tau == 0:
+        return torch.zeros_like(prior, dtype=torch.float32)
+    return (tau * torch.log(prior / prior.sum())).float()
+
+
+def adjusted_loss(logits: Tensor, targets: Tensor, adjustment: Tensor) -> Tensor:
+    """The logit-adjusted cross-entropy: CE(z + τ·log π, y)."""
+    return F.cross_entropy(logits + adjustment.to(logits.device, logits.dtype), targets)
+
+
+class GrapeLAClient(RedGrapeClient):
+    """RedGrape's client with the prior-adjusted two-head loss; reports its class counts."""
+
+    def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> None:
+        super().begin(model, images, labels, generator)
+        self._counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=self.num_classes)
+        if self.cfg.grape_la_prior == "global" and PRIOR_KEY in self.payload:
+            prior = torch.from_numpy(np.asarray(self.payload[PRIOR_KEY], dtype=np.float64))
+        else:  # `local`, or round 1 before the server knows the global prior
+            prior = self._counts.double()
+        self._adjustment = log_prior_adjustment(prior, self.cfg.grape_la_tau).to(next(model.parameters()).device)
+
+    def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor:
+        return adjusted_loss(two_head_logits(model, x), y, self._adjustment)
+
+    def report(self) -> Payload:
+        return {**super().report(), COUNTS_KEY: self._counts.numpy().astype(np.int64)}
+
+
+class GrapeLAServer(RedGrapeServer):
+    """RedGrape's prototype store plus the running sum of the clients' class counts."""
+
+    def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
+        super().__init__(cfg, model, data)
+        self.count_total = np.zeros(self.num_classes, dtype=np.int64)
+
+    def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
+        payload = super().broadcast(server_round, global_model)
+        if self.cfg.grape_la_prior == "global" and self.count_total.sum() > 0:
+            payload[PRIOR_KEY] = self.count_total / self.count_total.sum()
+        return payload
+
+    def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
+        """Prototypes as RedGrape; class counts summed over every round's cohort.
+
+        With full participation every round adds the same vector, so the prior
+        is exact from round 2 on; with sampled cohorts the running total is an
+        unbiased estimate of the federation's class distribution.
+        """
+        super().absorb(server_round, reports)
+        for report in reports:
+            self.count_total += report.payload[COUNTS_KEY].astype(np.int64)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {**super().state_dict(), "count_total": self.count_total}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        super().load_state_dict(state)
+        self.count_total = np.asarray(state["count_total"], dtype=np.int64)

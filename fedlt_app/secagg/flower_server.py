@@ -1,0 +1,118 @@
+"""The ServerApp side on Flower's Message API: query rounds around the train round, then the unmasking.
+
+Per round: ``secagg_keys`` and ``secagg_shares`` queries to the cohort (before training), the train
+messages carry each client's routed ciphertexts, the clients' train replies carry only masked vectors,
+and a ``secagg_unmask`` query to the survivors yields the sum.  The strategy then sees one synthetic
+reply with the weighted-mean arrays and the cohort's total example count, so every server optimizer,
+BatchNorm averaging and checkpointing work as without secure aggregation.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from logging import WARNING
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+
+from fedlt_app.records import content_nbytes
+from fedlt_app.secagg import wire
+from fedlt_app.secagg.errors import BelowThreshold
+from fedlt_app.secagg.layout import Layout
+from fedlt_app.secagg.messages import default_threshold
+from fedlt_app.secagg.server import SecAggServer
+from fedlt_app.secagg.update import fedavg_layout, unpack_average
+
+RECORD = "secagg"
+QUERY_KEYS, QUERY_SHARES, QUERY_UNMASK = "secagg_keys", "secagg_shares", "secagg_unmask"
+
+
+@dataclass
+class _Round:
+    server_round: int
+    server: SecAggServer
+    layout: Layout
+    global_arrays: dict[str, np.ndarray]
+    grid: Grid
+
+
+class SecureRounds:
+    """Secure aggregation for every round of a run; counts the protocol's bytes each way."""
+
+    def __init__(self, min_cohort: int, timeout: float) -> None:
+        self.min_cohort = min_cohort
+        self.timeout = timeout
+        self.bytes_down = 0
+        self.bytes_up = 0
+        self.clipped = 0
+        self._round: _Round | None = None
+
+    def prepare(self, grid: Grid, server_round: int, train_messages: list[Message],
+                global_arrays: ArrayRecord) -> list[Message]:
+        """Runs the key and share rounds; returns the train messages of U2 with their ciphertexts added."""
+        self.bytes_down = self.bytes_up = 0
+        nodes = [m.metadata.dst_node_id for m in train_messages]
+        threshold = max(default_threshold(len(nodes)), self.min_cohort)
+        if threshold > len(nodes):
+            raise BelowThreshold(f"round {server_round}: the cohort has {len(nodes)} clients, fewer than "
+                                 f"secagg-min-cohort={self.min_cohort}")
+        arrays = {k: v.numpy() for k, v in global_arrays.items()}
+        layout = fedavg_layout(arrays)
+        context = b"fedlt-secagg|round=%d|" % server_round + os.urandom(16)
+        server = SecAggServer(nodes, threshold, context, layout.length)
+        self._round = _Round(server_round, server, layout, arrays, grid)
+        answers = self._ask(QUERY_KEYS, {n: wire.setup_arrays(m) for n, m in server.setup().items()})
+        requests = server.receive_keys({n: wire.keys_from(a) for n, a in answers.items()})
+        answers = self._ask(QUERY_SHARES, {n: wire.share_keys_ins_arrays(m) for n, m in requests.items()})
+        routed = server.receive_shares({n: wire.share_keys_res_from(a) for n, a in answers.items()})
+        kept = [m for m in train_messages if m.metadata.dst_node_id in routed]
+        for m in kept:  # Flower's FedAvg gives every message one shared RecordDict: each needs its own
+            content = RecordDict(dict(m.content.items()))
+            content[RECORD] = wire.to_record(wire.ciphertexts_arrays(routed[m.metadata.dst_node_id].ciphertexts))
+            m.content = content
+        return kept
+
+    def aggregate(self, replies: list[Message]) -> Message:
+        """The masked replies -> one reply holding the weighted-mean arrays, n and the mean loss."""
+        assert self._round is not None, "prepare() runs first"
+        r = self._round
+        masked = {m.metadata.src_node_id: wire.masked_from(wire.from_record(m.content[RECORD])) for m in replies}
+        requests = r.server.receive_masked(masked)
+        answers = self._ask(QUERY_UNMASK, {n: wire.unmask_ins_arrays(m) for n, m in requests.items()})
+        total = r.server.receive_unmask({n: wire.unmask_res_from(a) for n, a in answers.items()})
+        arrays, n, loss, self.clipped = unpack_average(r.layout, r.global_arrays, total)
+        if self.clipped:
+            log(WARNING, "[fedlt] secure aggregation round %d: %d coordinates clipped to +-%g",
+                r.server_round, self.clipped, r.layout.codec.clip)
+        synthetic = replies[0]
+        synthetic.content = RecordDict({
+            "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": n, "train-loss": loss})})
+        self._round = None
+        return synthetic
+
+    def _ask(self, query: str, arrays_by_node: dict[int, wire.Arrays]) -> dict[int, wire.Arrays]:
+        """One query round; a node that fails or does not answer is left out (a dropout)."""
+        assert self._round is not None
+        r = self._round
+        messages = [Message(RecordDict({RECORD: wire.to_record(a),
+                                        "config": ConfigRecord({"server-round": r.server_round})}),
+                            dst_node_id=node, message_type=f"{MessageType.QUERY}.{query}")
+                    for node, a in arrays_by_node.items()]
+        self.bytes_down += sum(content_nbytes(m.content) for m in messages)
+        answers = {}
+        for reply in r.grid.send_and_receive(messages, timeout=self.timeout):
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log(WARNING, "[fedlt] secure aggregation round %d: node %d failed %s: %s",
+                    r.server_round, node, query, reply.error.reason)
+                continue
+            self.bytes_up += content_nbytes(reply.content)
+            answers[node] = wire.from_record(reply.content[RECORD])
+        for node in set(arrays_by_node) - set(answers):
+            log(WARNING, "[fedlt] secure aggregation round %d: node %d dropped at %s", r.server_round, node, query)
+        return answers
+
