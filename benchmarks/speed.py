@@ -11,6 +11,12 @@
 4. ``floor``: the FLOPs of each setting's round over this CPU's dense-matmul
    rate in the same precision (see benchmarks/floor.py), and one local step
    with channels_last and torch.compile.
+5. ``secagg``: secure aggregation's overhead. FedAvg with every client in the
+   cohort, 10 and 100 clients (``--secagg-clients``), plain against
+   ``secure-aggregation=secagg`` through the app (round time, bytes up and
+   down per round), and the protocol alone on the in-process grid with a
+   vector of the same length (keys, shares, masking and unmasking, no
+   training): what the O(K²) pairwise masks cost as the cohort grows.
 
 Round times are the median over rounds 2.. (round 1 pays for Ray workers
 starting and decoding the data). Writes results/speed/speed.json and
@@ -19,6 +25,7 @@ and keeps the others from the existing speed.json.
 
     python benchmarks/speed.py                          # every part, 3 rounds a run
     python benchmarks/speed.py --parts precision,floor  # ~25 min on 2 cores
+    python benchmarks/speed.py --parts secagg --rounds 1 --secagg-clients 3 --output /tmp/smoke  # smoke check
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import torch
 
@@ -43,6 +51,8 @@ import floor  # noqa: E402
 import plain_loop  # noqa: E402
 
 from fedlt_app.precision import cpu_has_native_bf16  # noqa: E402
+from fedlt_app.secagg.grid import run_round  # noqa: E402
+from fedlt_app.secagg.messages import default_threshold  # noqa: E402
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -94,7 +104,8 @@ def app_run(run_config: str, num_clients: int, work: Path, name: str) -> dict:
         raise RuntimeError(f"benchmark run {name} failed (exit {code}); rerun it with fedlt-run to see why")
     rows = [json.loads(line) for line in (work / name / "metrics.jsonl").read_text().splitlines()]
     return {"round_seconds": [r["round_seconds"] for r in rows], "peak_rss_bytes": peak,
-            "wall_seconds": time.perf_counter() - started}
+            "wall_seconds": time.perf_counter() - started, "bytes_up": [r["bytes_up"] for r in rows],
+            "bytes_down": [r["bytes_down"] for r in rows], "parameters_up": [r["parameters_up"] for r in rows]}
 
 
 def steady(seconds: list[float]) -> float:
@@ -106,7 +117,7 @@ def plain_run(run_config: str, num_clients: int) -> dict:
     return {"round_seconds": [r["round_seconds"] for r in rows]}
 
 
-PARTS = ("precision", "epochs", "scale", "floor")
+PARTS = ("precision", "epochs", "scale", "floor", "secagg")
 LEGACY_KEYS = ("app_vs_plain_fedavg", "app_vs_plain_redgrape", "redgrape_vs_fedavg_1_epochs",
                "redgrape_vs_fedavg_5_epochs")
 
@@ -151,6 +162,33 @@ def measure_floor(report: dict) -> None:
     report["floor"] = floor.report(configs)
 
 
+def measure_secagg(report: dict, base: str, work: Path, cohorts: list[int]) -> None:
+    """5. FedAvg, every client in the cohort: plain vs secagg through the app, and the protocol alone."""
+    entries = {}
+    for clients in cohorts:
+        entry: dict = {}
+        for mode in ("off", "secagg"):
+            run = app_run(f"{base} method='fedavg' clients-per-round=0 secure-aggregation='{mode}'", clients, work,
+                          f"secagg-{mode}-{clients}")
+            entry[mode] = {"round_s": steady(run["round_seconds"]), "bytes_up": statistics.median(run["bytes_up"]),
+                           "bytes_down": statistics.median(run["bytes_down"]),
+                           "peak_rss_gib": run["peak_rss_bytes"] / 2**30}
+        entry["ratio"] = entry["secagg"]["round_s"] / entry["off"]["round_s"]
+        entry["vector_length"] = int(run["parameters_up"][0]) // clients  # masked values per client (last run: secagg)
+        entry["protocol_s"] = protocol_seconds(clients, entry["vector_length"])
+        entries[str(clients)] = entry
+    report["secagg"] = entries
+
+
+def protocol_seconds(clients: int, length: int) -> float:
+    """One round of the protocol alone (both sides, one process, no dropouts) on random vectors."""
+    rng = np.random.default_rng(0)
+    inputs = {node: rng.integers(0, 2**63, length, dtype=np.uint64) for node in range(1, clients + 1)}
+    started = time.perf_counter()
+    run_round(inputs, default_threshold(clients))
+    return time.perf_counter() - started
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=3, help="rounds per measured run")
@@ -159,6 +197,8 @@ def main() -> None:
                         help=f"comma-separated parts to (re)measure, of {', '.join(PARTS)}; the others are kept "
                              "from an existing speed.json")
     parser.add_argument("--output", type=Path, default=ROOT / "results" / "speed")
+    parser.add_argument("--secagg-clients", default="10,100",
+                        help="comma-separated federation sizes (= cohorts) for the secagg part")
     args = parser.parse_args()
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
     unknown = sorted(set(parts) - set(PARTS))
@@ -182,6 +222,8 @@ def main() -> None:
                 measure_epochs(report, base, work)
             elif part == "scale":
                 measure_scale(report, base, work, args.quick)
+            elif part == "secagg":
+                measure_secagg(report, base, work, [int(c) for c in args.secagg_clients.split(",")])
             else:
                 measure_floor(report)
             report.setdefault("measured", {})[part] = {"date": time.strftime("%Y-%m-%d %H:%M"),
@@ -269,6 +311,18 @@ def render(report: dict) -> str:
         for clients, value in report["scale"].items():
             lines.append(f"| {clients} | {value['round_s']:.1f} | {value['peak_rss_gib']:.2f} |")
         lines += ["", f"Peak memory, largest federation vs 10 clients: {report['memory_ratio_largest_vs_10']:.2f}x", ""]
+    if "secagg" in report:
+        lines += ["## Secure aggregation (FedAvg, fp32, every client in the cohort)", "",
+                  "| clients | plain round (s) | secagg round (s) | secagg / plain "
+                  "| up per round, plain → secagg (MB) | down per round, plain → secagg (MB) | protocol alone (s) |",
+                  "|---|---|---|---|---|---|---|"]
+        for clients, e in report["secagg"].items():
+            off, on = e["off"], e["secagg"]
+            lines.append(_row([clients, f"{off['round_s']:.1f}", f"{on['round_s']:.1f}", f"{e['ratio']:.2f}",
+                               f"{off['bytes_up'] / 1e6:.1f} → {on['bytes_up'] / 1e6:.1f}",
+                               f"{off['bytes_down'] / 1e6:.1f} → {on['bytes_down'] / 1e6:.1f}",
+                               f"{e['protocol_s']:.1f}"]))
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -14,6 +14,7 @@ from fedlt_app.config import RunConfig, parse_class_list, resolve
 from fedlt_app.data import FederatedData
 from fedlt_app.methods import get_method
 from fedlt_app.models import EncoderClassifier
+from fedlt_app.personalised import label_distribution, personalised_accuracy
 from fedlt_app.precision import precision_for
 from fedlt_app.records import load_client_state, payload_to_record, record_to_payload, save_client_state
 from fedlt_app.secagg import flower_client as secure
@@ -43,6 +44,19 @@ def inject_faults(cfg: RunConfig, partition_id: int) -> None:
         raise RuntimeError(f"fault injection: partition-id {partition_id} fails (debug-fail-partitions)")
     if cfg.debug_hang_partitions and partition_id in parse_class_list(cfg.debug_hang_partitions):
         time.sleep(cfg.round_timeout + 5)
+
+
+def report_personalised_accuracy(metrics: MetricRecord, personal: EncoderClassifier, data: FederatedData,
+                                 labels: torch.Tensor, cfg: RunConfig, device: torch.device) -> None:
+    """Add ``personalised-accuracy``: ``personal`` on the test split re-weighted to this client's labels.
+
+    A node without a test split (a deployment node with its own local data) reports none.
+    """
+    test_images, test_labels = data.test_data()
+    if len(test_labels):
+        metrics["personalised-accuracy"] = personalised_accuracy(
+            personal, test_images, test_labels, label_distribution(labels, data.num_classes), cfg.dataset,
+            precision_for(cfg.precision, device))
 
 
 @app.query("partition")
@@ -76,11 +90,12 @@ def train(msg: Message, context: Context) -> Message:
     save_client_state(context.state, method.state_to_keep(model))  # only after training succeeded
 
     if cfg.secure_aggregation == "secagg":  # one masked vector leaves, nothing else (README "Secure aggregation")
-        if method.report():
+        summands = method.summands()  # what its server needs summed (RedGrape: per-class prototypes, holders)
+        if method.report() and not summands:
             raise RuntimeError(f"secure-aggregation=secagg: method {cfg.method!r} reports per-client arrays")
         local = {k: v.detach().cpu().numpy() for k, v in model.travelling_state().items()}
-        return Message(secure.masked_train_reply(msg, context, local, stats.num_examples, stats.mean_loss, seed),
-                       reply_to=msg)
+        return Message(secure.masked_train_reply(msg, context, local, stats.num_examples, stats.mean_loss, seed,
+                                                 summands), reply_to=msg)
     content = RecordDict(
         {
             "arrays": ArrayRecord(model.travelling_state()),
@@ -91,6 +106,9 @@ def train(msg: Message, context: Context) -> Message:
     report = method.report()
     if report:
         content[METHOD_KEY] = payload_to_record(report)
+    personal = method.personalised_model(model)  # after the reply's model was taken: a tuned copy never leaves
+    if personal is not None:  # FedETF, FedNH, FedLoGe: one number beside the global metrics
+        report_personalised_accuracy(content["metrics"], personal, data, labels, cfg, device)
     return Message(content=content, reply_to=msg)
 
 

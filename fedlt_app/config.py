@@ -16,8 +16,10 @@ from typing import Any
 from omegaconf import OmegaConf
 
 METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "climb", "creff", "ccvr", "moon", "redgrape",
-                "grape-la", "zero-shot-clip", "promptfl")
-SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss")  # servers that need only the weighted sum
+                "grape-la", "zero-shot-clip", "promptfl", "fedetf", "fednh", "fedgrab")
+# Methods whose server needs only sums over a round's clients: the weighted model sum, and for
+# redgrape / grape-la / creff per-class sums and holder counts (ServerMethod.sum_segments).
+SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "redgrape", "grape-la", "creff")
 CLIP_METHODS = ("zero-shot-clip", "promptfl")  # need the clip extra and clip-weights (fedlt_app/clip)
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
@@ -41,6 +43,11 @@ def at_least(low: float, strict: bool = False) -> Check:
 
 def in_range(low: float, high: float) -> Check:
     return lambda v: None if low <= v < high else f"must be in [{low}, {high})"
+
+
+def in_unit_interval(v: float) -> str | None:
+    """0 <= v <= 1 (both ends meaningful, e.g. a smoothing weight)."""
+    return None if 0.0 <= v <= 1.0 else "must be in [0, 1]"
 
 
 def in_range_closed(low: float, high: float) -> Check:
@@ -121,6 +128,19 @@ SCHEMA: tuple[Option, ...] = (
            at_least(0.0)),
     Option("moon-temperature", float, 0.5, "MOON's temperature tau of the contrastive term (official default 0.5)",
            at_least(0.0, strict=True)),
+    Option("fednh-smoothing", float, 0.9,
+           "FedNH's rho: the server's prototypes move to normalise(rho * old + (1 - rho) * clients' class means) "
+           "(official FedNH_smoothing 0.9; 1 = fixed prototypes)", in_unit_interval),
+    Option("fedgrab-kp", float, 10.0, "Fed-GraB: proportional gain K_p of each class's PID controller (official 10)",
+           at_least(0.0)),
+    Option("fedgrab-ki", float, 0.01, "Fed-GraB: integral gain K_i of each class's PID controller (official 0.01)",
+           at_least(0.0)),
+    Option("fedgrab-kd", float, 0.1, "Fed-GraB: derivative gain K_d of each class's PID controller (official 0.1)",
+           at_least(0.0)),
+    Option("fedgrab-balance-classes", str, "all",
+           "Fed-GraB: classes whose gradients the balancer re-weights: all (the official code, which has no DPA) "
+           "or dpa-tail (the paper's Direct Prior Analyzer: the tail of the prior estimated from the global "
+           "classifier's weight norms, from round 2)", one_of("all", "dpa-tail")),
     Option("ratio-aux-per-class", int, 32, "Ratio Loss: server auxiliary samples per class", at_least(1)),
     Option("climb-epsilon", float, 0.01, "CLIMB's constraint slack epsilon", at_least(0.0)),
     Option("climb-dual-lr", float, 2.0, "CLIMB's dual step size eta_D", at_least(0.0, strict=True)),
@@ -141,6 +161,22 @@ SCHEMA: tuple[Option, ...] = (
            "CCVR: calibrate (and evaluate calibrated) every round's global model, or only the last round's "
            "(FedLTLib: once, after training); training never sees the calibrated classifier",
            one_of("every-round", "final")),
+    Option("fedetf-temperature", float, 1.0,
+           "FedETF: initial value of the learnable temperature beta on the ETF logits (official scaling_train of "
+           "its ResNets: 1.0)", at_least(0.0, strict=True)),
+    Option("fedetf-finetune", str, "last-round",
+           "FedETF: when each trained client fine-tunes its personal model (ETF and projection, alternately) for "
+           "the personalised accuracy: last-round (the official code: once, after training), every-round, or off "
+           "(the personal model is the locally trained one)", one_of("last-round", "every-round", "off")),
+    Option("fedetf-finetune-rounds", int, 20, "FedETF: alternations of the personal fine-tuning (official 20)",
+           at_least(1)),
+    Option("fedetf-finetune-epochs", int, 3,
+           "FedETF: local epochs of each fine-tuning step, ETF and projection each (official 3)", at_least(1)),
+    Option("fedetf-finetune-etf-lr", float, 0.1, "FedETF: SGD lr of the ETF fine-tuning, no momentum (official 0.1)",
+           at_least(0.0, strict=True)),
+    Option("fedetf-finetune-projection-lr", float, 0.05,
+           "FedETF: SGD lr of the projection fine-tuning, momentum as momentum (official 0.05)",
+           at_least(0.0, strict=True)),
     Option("rebalance-lambda", float, 0.1, "RedGrape's lambda: weight of the re-balancing step", at_least(0.0)),
     Option("rebalance-step", str, "plain",
            "RedGrape: plain (authors' code: an extra momentum-free step on W after the optimizer step) or "
@@ -248,6 +284,11 @@ class RunConfig:
     fedlc_tau: float
     moon_mu: float
     moon_temperature: float
+    fednh_smoothing: float
+    fedgrab_kp: float
+    fedgrab_ki: float
+    fedgrab_kd: float
+    fedgrab_balance_classes: str
     ratio_aux_per_class: int
     climb_epsilon: float
     climb_dual_lr: float
@@ -260,6 +301,12 @@ class RunConfig:
     ccvr_retrain_epochs: int
     ccvr_retrain_lr: float
     ccvr_calibrate: str
+    fedetf_temperature: float
+    fedetf_finetune: str
+    fedetf_finetune_rounds: int
+    fedetf_finetune_epochs: int
+    fedetf_finetune_etf_lr: float
+    fedetf_finetune_projection_lr: float
     rebalance_lambda: float
     rebalance_step: str
     grape_la_prior: str
@@ -416,7 +463,7 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
     if values["secure_aggregation"] == "secagg":
         if values["method"] not in SECAGG_METHODS:
             why = ("its server needs each client's loss" if values["method"] == "climb"
-                   else "its server needs more than the weighted model sum (not supported yet)")
+                   else "its server needs more than sums over the round's clients (not supported yet)")
             raise ConfigError(f"secure-aggregation: 'secagg' cannot run method={values['method']!r}: {why}; "
                               f"with secure-aggregation=secagg, method must be one of {', '.join(SECAGG_METHODS)}")
         if values["al_method"] != "none":

@@ -77,12 +77,15 @@ def summarize(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     if not rounds:
         return {"rounds": 0}
     last = rounds[-LAST_ROUNDS:]
+    personal = {"final_personalised_accuracy": rounds[-1]["personalised_accuracy"]} \
+        if "personalised_accuracy" in rounds[-1] else {}  # methods with personal parts (FedETF: fine-tuned)
     return {
         "rounds": len(rounds),
         "final_accuracy": rounds[-1]["accuracy"],
         "final_tail_accuracy": rounds[-1]["tail_accuracy"],
         "last10_accuracy": sum(r["accuracy"] for r in last) / len(last),
         "last10_tail_accuracy": sum(r["tail_accuracy"] for r in last) / len(last),
+        **personal,
         "total_seconds": sum(r["round_seconds"] for r in rounds),
     }
 

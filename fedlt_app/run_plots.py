@@ -53,6 +53,9 @@ VALUE_NAMES = {  # how run-config values read in titles and legends (also the sw
         "creff": "CReFF",
         "redgrape": "RedGrape",
         "grape-la": "GRAPE-LA (fedlt)",
+        "fedetf": "FedETF",
+        "fednh": "FedNH",
+        "fedgrab": "Fed-GraB",
     },
     "server-opt": {"fedavg": "FedAvg", "fedavgm": "FedAvgM", "fedadam": "FedAdam"},
 }

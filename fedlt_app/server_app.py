@@ -46,16 +46,21 @@ def checkpoint_state(strategy: FedLTStrategy, cfg: RunConfig, server_round: int,
     }
 
 
-def restore(strategy: FedLTStrategy, cfg: RunConfig, run_dir: Path) -> int:
-    """Load a checkpoint into the strategy; returns the last finished round."""
+def restore(strategy: FedLTStrategy, cfg: RunConfig, run_dir: Path) -> tuple[int, ArrayRecord]:
+    """Load a checkpoint into the strategy; returns the last finished round and the arrays it ended with.
+
+    Those arrays, not the model's copy, start the resumed run: a server optimizer's output may be
+    float64 (FedAdam's), and FedAdam restarts its step from what it sends, so restarting from the
+    model's float32 copy would move every later round off the uninterrupted run's.
+    """
     state = load_checkpoint(run_dir)
     check_resumable(state["run_config"], cfg.as_dict())
-    strategy.global_model.load_travelling_state(ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
-                                                .to_torch_state_dict())
+    arrays = ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
+    strategy.global_model.load_travelling_state(arrays.to_torch_state_dict())
     restore_optimizer_state(strategy.inner, state["optimizer"])
     strategy.server_method.load_state_dict(state["method"])
     torch.set_rng_state(state["torch_rng"])
-    return int(state["round"])
+    return int(state["round"]), arrays
 
 
 @app.main()
@@ -86,9 +91,10 @@ def main(grid: Grid, context: Context) -> None:
         secure=SecureRounds(cfg.secagg_min_cohort, cfg.round_timeout) if cfg.secure_aggregation == "secagg" else None,
     )
     done = 0
+    initial_arrays = ArrayRecord(model.travelling_state())
     if cfg.resume_from:
         run_dir = Path(cfg.resume_from).expanduser()
-        done = restore(strategy, cfg, run_dir)
+        done, initial_arrays = restore(strategy, cfg, run_dir)
         strategy.round_offset = done
         log(INFO, "[fedlt] resuming %s after round %d", run_dir, done)
     else:
@@ -124,6 +130,7 @@ def main(grid: Grid, context: Context) -> None:
                 "parameters_down": current.parameters_down,
                 "clients": current.cohort,
                 "failed_clients": current.failed,
+                **current.personalised_metrics(),  # methods with personal parts (FedETF, FedNH, FedLoGe)
                 **strategy.server_method.round_metrics(),
             }
             recorder.log_round(record)
@@ -138,7 +145,7 @@ def main(grid: Grid, context: Context) -> None:
         if cfg.num_server_rounds > done:
             strategy.start(
                 grid=grid,
-                initial_arrays=ArrayRecord(model.travelling_state()),
+                initial_arrays=initial_arrays,
                 num_rounds=cfg.num_server_rounds - done,
                 timeout=cfg.round_timeout,
                 train_config=ConfigRecord(),

@@ -38,7 +38,7 @@ from fedlt_app.records import (
     record_to_payload,
 )
 from fedlt_app.secagg.errors import SecAggError
-from fedlt_app.secagg.flower_server import SecureRounds
+from fedlt_app.secagg.flower_server import SecureRounds, masked_values
 
 METHOD_KEY = "method"
 STATISTICS_QUERY = "method_statistics"  # ServerMethod.wants_statistics -> ClientMethod.statistics
@@ -115,6 +115,16 @@ class RoundLog:
     failed: list[int] = field(default_factory=list)
     train_loss: float | None = None
     client_train_seconds: list[float] = field(default_factory=list)  # local training alone, per client
+    # partition id -> its personalised accuracy (ClientMethod.personalised_model; methods with personal parts)
+    personalised: dict[int, float] = field(default_factory=dict)
+
+    def personalised_metrics(self) -> dict[str, float | list[float | None]]:
+        """The cohort's mean personalised accuracy and the per-client values aligned with ``cohort``
+        (None: the client failed); empty when no client reported one."""
+        if not self.personalised:
+            return {}
+        return {"personalised_accuracy": float(np.mean(list(self.personalised.values()))),
+                "personalised_accuracy_per_client": [self.personalised.get(p) for p in self.cohort]}
 
 
 def average_buffers(arrays: ArrayRecord, replies: list[Message]) -> None:
@@ -129,6 +139,21 @@ def average_buffers(arrays: ArrayRecord, replies: list[Message]) -> None:
         stacked = [r.content["arrays"][key].numpy() for r in replies]
         mean = sum(w * x.astype(np.float64) for w, x in zip(weights, stacked, strict=True))
         arrays[key] = Array(np.asarray(mean).astype(stacked[0].dtype if stacked[0].dtype.kind == "f" else np.float64))
+
+
+def override_entries(arrays: ArrayRecord, overrides: dict[str, np.ndarray]) -> None:
+    """Replace entries of the aggregated model by the server method's own (``ServerMethod.global_model_overrides``).
+
+    In place, like ``average_buffers``: FedAvgM keeps the record it returns as its current arrays, so its next
+    pseudo-gradient starts from the overridden values.
+    """
+    for key, value in overrides.items():
+        if key not in arrays:
+            raise KeyError(f"global_model_overrides: {key!r} is not an entry of the global model")
+        old = arrays[key].numpy()
+        if tuple(np.shape(value)) != old.shape:
+            raise ValueError(f"global_model_overrides: {key!r} has shape {np.shape(value)}, the model's {old.shape}")
+        arrays[key] = Array(np.ascontiguousarray(value, dtype=old.dtype))
 
 
 class ClientFailures(RuntimeError):
@@ -183,9 +208,10 @@ class FedLTStrategy(Strategy):
         self.current = RoundLog(server_round, cohort)
         view = _CohortGrid(grid, [self.node_of_partition[p] for p in cohort])
         messages = list(self.inner.configure_train(server_round, arrays, config, view))  # type: ignore[arg-type]
-        if self.secure is not None:
-            messages = self._secure_prepare(grid, server_round, messages, arrays)
         self.global_model.load_travelling_state(arrays.to_torch_state_dict())
+        if self.secure is not None:  # deltas against the model in its own dtypes: what every client starts from
+            messages = self._secure_prepare(grid, server_round, messages,
+                                            ArrayRecord(self.global_model.travelling_state()))
         payload = self.server_method.broadcast(server_round, self.global_model)
         for message in messages:
             if payload:
@@ -205,8 +231,10 @@ class FedLTStrategy(Strategy):
         replies = sorted(replies, key=lambda r: self.partition_of_node.get(r.metadata.src_node_id, -1))
         succeeded = [r for r in replies if not r.has_error()]
         self._record_failures(server_round, current, replies)
+        sums = None  # secure: the method's sums over the round's clients (ServerMethod.sum_segments)
         if self.secure is not None:  # masked vectors in, one reply holding the weighted mean out
-            succeeded = [self._secure_aggregate(server_round, current, succeeded)]
+            synthetic, sums = self._secure_aggregate(server_round, current, succeeded)
+            succeeded = [synthetic]
         reports: list[ClientReport] = []
         for reply in succeeded:
             if self.secure is None:  # (secure: the masked replies were counted as they came)
@@ -215,6 +243,8 @@ class FedLTStrategy(Strategy):
             extra = reply.content.pop(METHOD_KEY) if METHOD_KEY in reply.content else None
             partition_id = self.partition_of_node[reply.metadata.src_node_id]
             num_examples = int(reply.content["metrics"]["num-examples"])
+            if "personalised-accuracy" in reply.content["metrics"]:
+                current.personalised[partition_id] = float(reply.content["metrics"]["personalised-accuracy"])
             reports.append(ClientReport(partition_id, num_examples, record_to_payload(extra)))
         losses = [float(r.content["metrics"]["train-loss"]) for r in succeeded]
         current.client_train_seconds = [float(r.content["metrics"].get("train-seconds", float("nan")))
@@ -224,10 +254,14 @@ class FedLTStrategy(Strategy):
         if weights is not None:
             for reply, weight in zip(succeeded, weights, strict=True):
                 reply.content["metrics"]["num-examples"] = float(weight)
-        self.server_method.absorb(server_round, reports)
+        if sums is None:
+            self.server_method.absorb(server_round, reports)
+        else:
+            self.server_method.absorb_sums(server_round, sums)
         arrays, metrics = self.inner.aggregate_train(server_round, succeeded)
         if arrays is not None:
             average_buffers(arrays, succeeded)
+            override_entries(arrays, self.server_method.global_model_overrides(server_round))
         return arrays, metrics
 
     def collect_statistics(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> list[ClientReport]:
@@ -265,7 +299,7 @@ class FedLTStrategy(Strategy):
         """The key and share rounds on the cohort; the train messages of the nodes that shared keys."""
         assert self.secure is not None and self.current is not None
         try:
-            kept = self.secure.prepare(grid, server_round, messages, arrays)
+            kept = self.secure.prepare(grid, server_round, messages, arrays, self.server_method.sum_segments())
         except SecAggError as err:
             raise ClientFailures(f"round {server_round}: {err} (secure-aggregation=secagg)") from err
         finally:
@@ -273,10 +307,13 @@ class FedLTStrategy(Strategy):
             self.current.bytes_up += self.secure.bytes_up
         return kept
 
-    def _secure_aggregate(self, server_round: int, current: RoundLog, succeeded: list[Message]) -> Message:
-        """Unmasks the sum of the masked replies; one synthetic reply with the cohort's weighted mean."""
+    def _secure_aggregate(self, server_round: int, current: RoundLog,
+                          succeeded: list[Message]) -> tuple[Message, dict[str, np.ndarray]]:
+        """Unmasks the sum of the masked replies: one synthetic reply with the cohort's weighted mean,
+        and the method's sums."""
         assert self.secure is not None
         current.bytes_up += sum(content_nbytes(r.content) for r in succeeded)
+        current.parameters_up += masked_values(succeeded)  # int64 masked values, not floats: counted here
         up, down = self.secure.bytes_up, self.secure.bytes_down
         try:
             return self.secure.aggregate(succeeded)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -19,9 +20,25 @@ from torch import Tensor
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import augment
-from fedlt_app.methods import ClientMethod
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import precision_for
+
+
+class TrainingHooks(Protocol):
+    """What the loop calls on a method: ``fedlt_app.methods.base.ClientMethod``'s hooks.
+
+    A protocol rather than an import, so that methods can themselves run this loop (FedETF's personal
+    fine-tuning) without an import cycle between the loop and the methods.
+    """
+
+    def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
+              generator: torch.Generator) -> None: ...
+
+    def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor: ...
+
+    def before_step(self, model: EncoderClassifier) -> None: ...
+
+    def after_step(self, model: EncoderClassifier) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,7 @@ def train_locally(
     model: EncoderClassifier,
     images: Tensor,
     labels: Tensor,
-    method: ClientMethod,
+    method: TrainingHooks,
     setup: LocalTraining,
     generator: torch.Generator,
     method_generator: torch.Generator | None = None,

@@ -24,10 +24,10 @@ from torch.nn import functional as F
 from fedlt_app.config import CLIP_METHODS, METHOD_NAMES, ConfigError, resolve
 from fedlt_app.data import FederatedData, ImageDataset
 from fedlt_app.methods import METHODS, ClientMethod, ClientReport, ServerMethod, get_method
-from fedlt_app.methods.climb import ClimbClient, ClimbServer
-from fedlt_app.methods.creff import CReFFClient, CReFFServer, class_gradient, rowwise_cosine_distance
-from fedlt_app.methods.focal import FocalClient, focal_loss
-from fedlt_app.methods.ratio_loss import (
+from fedlt_app.methods.loss.climb import ClimbClient, ClimbServer
+from fedlt_app.methods.decoupled.creff import CReFFClient, CReFFServer, class_gradient, rowwise_cosine_distance
+from fedlt_app.methods.loss.focal import FocalClient, focal_loss
+from fedlt_app.methods.loss.ratio_loss import (
     RatioLossClient,
     RatioLossServer,
     auxiliary_indices,
@@ -556,7 +556,7 @@ def test_creff_round_1_matches_at_exactly_the_head_the_clients_computed_gradient
     """The official code shares one fresh nn.Linear between the clients' real gradients and the server's matching
     in round 1; the server must not match at a head the clients never saw (e.g. its own while they use the global
     model's classifier)."""
-    import fedlt_app.methods.creff as creff_module
+    import fedlt_app.methods.decoupled.creff as creff_module
 
     server, model = creff_server()
     with torch.no_grad():  # a global classifier that differs from the server's fresh head

@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from app_runs import run_app
 from fedlt_app.config import resolve
 from fedlt_app.methods.base import ClientReport
-from fedlt_app.methods.ccvr import CCVRClient, CCVRServer, class_moments, combine_moments, sample_gaussian
+from fedlt_app.methods.decoupled.ccvr import CCVRClient, CCVRServer, class_moments, combine_moments, sample_gaussian
 from fedlt_app.precision import FP32
 from test_baselines import C, D, features_of, federated, images_labels, linear_model
 

@@ -3,33 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
-import torch
 
-from app_runs import run_app
+from app_runs import kill_after_checkpoint, run_app, without_timing
+from app_runs import metrics_rows as rows
 from fedlt_app import launch
-from fedlt_app.results import TIMING_FIELDS
 
 ROOT = Path(__file__).resolve().parent.parent
 SMALL = "method='redgrape' samples-per-class=100 imbalance-ratio=10.0 local-lr=0.05"
-TIMING = set(TIMING_FIELDS)  # wall-clock, the only fields allowed to differ
 
 pytestmark = pytest.mark.e2e
-
-
-def rows(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def without_timing(table: list[dict]) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in table]
 
 
 @pytest.fixture(scope="module")
@@ -49,25 +34,10 @@ def test_same_seed_gives_identical_metrics(reference: Path, tmp_path: Path, monk
 
 
 def test_killed_run_resumes_to_the_same_result(reference: Path, tmp_path: Path) -> None:
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "flwr-home")}
-    command = [sys.executable, "-m", "fedlt_app.launch", str(ROOT), "--num-clients", "3", "--run-config",
-               f"{SMALL} num-server-rounds=4 checkpoint-every=1 output-dir='{tmp_path}' run-name='c'"]
-    launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     run_dir = tmp_path / "c"
-    deadline = time.monotonic() + 300
-    try:
-        while time.monotonic() < deadline:
-            checkpoint = run_dir / "checkpoint.pt"
-            if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["round"] >= 2:
-                break
-            assert launcher.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.5)
-        launcher.send_signal(signal.SIGTERM)  # the launcher takes the SuperLink and the ServerApp down with it
-        assert launcher.wait(timeout=60) != 0
-    finally:
-        if launcher.poll() is None:
-            launcher.kill()
-    killed_at = torch.load(run_dir / "checkpoint.pt", weights_only=False)["round"]
+    killed_at = kill_after_checkpoint(
+        tmp_path, f"{SMALL} num-server-rounds=4 checkpoint-every=1 output-dir='{tmp_path}' run-name='c'", run_dir, 2,
+        limit=300)
     assert 2 <= killed_at < 4
     assert not (run_dir / "summary.json").exists() or json.loads((run_dir / "summary.json").read_text())[
         "status"] != "completed"
@@ -83,7 +53,7 @@ def test_failing_and_silent_clients_are_left_out(tmp_path: Path, monkeypatch: py
     code = run_app(
         tmp_path,
         monkeypatch,
-        f"{SMALL} num-server-rounds=1 debug-fail-partitions='1' debug-hang-partitions='3' round-timeout=20.0 "
+        f"{SMALL} num-server-rounds=1 debug-fail-partitions='1' debug-hang-partitions='3' round-timeout=60.0 "
         f"max-failure-fraction=0.5 output-dir='{tmp_path}' run-name='f'",
         num_clients=4,
     )

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods import METHODS, ServerMethod, get_method
-from fedlt_app.methods.fedlc import FedLCClient, calibrated_logits, calibrated_loss
+from fedlt_app.methods.loss.fedlc import FedLCClient, calibrated_logits, calibrated_loss
 from fedlt_app.models import EncoderClassifier
 
 

@@ -13,8 +13,8 @@ from test_redgrape import NUM_CLASSES, config, prototype_payload, setup, tiny_da
 
 from app_runs import run_app
 from fedlt_app.methods import ClientReport
-from fedlt_app.methods.grape_la import COUNTS_KEY, PRIOR_KEY, GrapeLAClient, GrapeLAServer, adjusted_loss
-from fedlt_app.methods.redgrape import RedGrapeClient, two_head_logits
+from fedlt_app.methods.decoupled.grape_la import COUNTS_KEY, PRIOR_KEY, GrapeLAClient, GrapeLAServer, adjusted_loss
+from fedlt_app.methods.decoupled.redgrape import RedGrapeClient, two_head_logits
 from fedlt_app.train import train_locally
 
 

@@ -19,7 +19,7 @@ from flwr.supercore.task_identity import TaskIdentity
 from fedlt_app.config import resolve
 from fedlt_app.data import FederatedData, ImageDataset
 from fedlt_app.methods import ClientReport, get_method
-from fedlt_app.methods.redgrape import two_head_logits
+from fedlt_app.methods.decoupled.redgrape import two_head_logits
 from fedlt_app.models import MODELS, build_model, count_parameters
 from fedlt_app.records import content_parameters, payload_to_record
 from fedlt_app.strategy import METHOD_KEY, FedLTStrategy

@@ -24,7 +24,7 @@ from fedlt_app import client_app
 from fedlt_app.config import resolve
 from fedlt_app.methods import get_method
 from fedlt_app.methods.base import ClientMethod, ClientReport
-from fedlt_app.methods.moon import (
+from fedlt_app.methods.representation.moon import (
     PROJECTION_DIM,
     MoonClient,
     MoonServer,

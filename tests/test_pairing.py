@@ -15,7 +15,9 @@ from fedlt_app.train import LocalTraining, train_locally
 
 NUM_CLASSES = 10
 EXTRA = {"fedprox": {"prox-mu": 0.01}}
-OWN_CLASSIFIER = {"moon"}  # its classifier reads the 256-d projection (methods/moon.py); the backbone is shared
+# their classifiers read a projection of the shared backbone's features: MOON's 256-d (methods/representation/moon.py),
+# FedETF's fixed ETF on a C-d one (methods/fixed_classifier/fedetf.py); FedNH's frozen prototypes and scale (methods/fixed_classifier/fednh.py)
+OWN_CLASSIFIER = {"moon", "fedetf", "fednh"}
 
 
 def payload_for(method: str) -> dict[str, np.ndarray]:

@@ -12,7 +12,7 @@ from fedlt_app import precision as precision_module
 from fedlt_app.checkpoint import check_resumable
 from fedlt_app.config import ConfigError, defaults, recorded_value, resolve
 from fedlt_app.methods import get_method
-from fedlt_app.methods.redgrape import RedGrapeServer
+from fedlt_app.methods.decoupled.redgrape import RedGrapeServer
 from fedlt_app.methods.base import ClientReport
 from fedlt_app.models import build_model
 from fedlt_app.precision import Precision, precision_for

@@ -12,7 +12,7 @@ from torch.nn import functional as F
 
 from fedlt_app.config import resolve
 from fedlt_app.methods import ClientMethod
-from fedlt_app.methods.redgrape import (
+from fedlt_app.methods.decoupled.redgrape import (
     RedGrapeClient,
     add_supplementary_classifier,
     gradient_prototypes,

@@ -1,27 +1,41 @@
-"""secure-aggregation=secagg through Flower's real simulation engine, one client failing in training."""
+"""secure-aggregation=secagg through Flower's real simulation engine: one client failing in training, and RedGrape."""
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import pytest
 
-from app_runs import run_app
+from app_runs import metrics_rows, run_app
 
 pytestmark = pytest.mark.e2e
 
 
-def test_secagg_run_with_a_failing_client_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def secure_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int) -> list[dict]:
+    """A tiny 2-round secagg run through the engine, which must complete; its metrics rows."""
     code = run_app(
         tmp_path, monkeypatch,
-        f"method='fedavg' secure-aggregation='secagg' num-server-rounds=2 samples-per-class=60 imbalance-ratio=10.0 "
-        f"debug-fail-partitions='1' output-dir='{tmp_path}' run-name='s'",
-        num_clients=4,
+        f"secure-aggregation='secagg' num-server-rounds=2 samples-per-class=60 imbalance-ratio=10.0 {run_config} "
+        f"output-dir='{tmp_path}' run-name='s'",
+        num_clients=num_clients,
     )
     assert code == 0
-    rows = [json.loads(line) for line in (tmp_path / "s" / "metrics.jsonl").read_text().splitlines()]
+    rows = metrics_rows(tmp_path / "s")
     assert [r["round"] for r in rows] == [1, 2]
-    assert all(r["failed_clients"] == [1] for r in rows)
-    assert all(math.isfinite(r["train_loss"]) and r["accuracy"] > 0 for r in rows)
+    assert all(math.isfinite(r["train_loss"]) for r in rows)
+    return rows
+
+
+def test_secagg_run_with_a_failing_client_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rows = secure_rows(tmp_path, monkeypatch, "method='fedavg' debug-fail-partitions='1'", num_clients=4)
+    assert all(r["failed_clients"] == [1] and r["accuracy"] > 0 for r in rows)
+
+
+def test_secagg_redgrape_run_sums_prototypes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """RedGrape's prototypes travel as masked per-class sums and holder counts; round 2 broadcasts the store."""
+    rows = secure_rows(tmp_path, monkeypatch, "method='redgrape'", num_clients=3)
+    assert all(r["failed_clients"] == [] for r in rows)
+    assert rows[-1]["classes_with_prototype"] == 10
+    assert rows[1]["parameters_down"] > rows[0]["parameters_down"]  # the global prototypes go down in round 2
+    assert all(r["parameters_up"] > 0 for r in rows)  # the masked values that went up, not 0

@@ -95,6 +95,11 @@ def test_a_secure_round_gives_fedavg_of_the_survivors_and_sends_nothing_else(tas
         np.testing.assert_allclose(value.numpy(), plain, rtol=0, atol=len(local) / 2**24 / total + 1e-6)
     log = strategy.current
     assert sorted(log.failed) == [2, 5] and log.bytes_up > 0 and log.bytes_down > 0
+    # up travel the masked vectors (n, clipped count, n * loss and every model value, as int64) and the protocol
+    vector = contents[0][RECORD]["masked"].numpy()
+    assert vector.size == 3 + sum(v.numpy().size for v in arrays.values()) and vector.dtype == np.int64
+    assert log.parameters_up == len(local) * vector.size
+    assert log.bytes_up > sum(c[RECORD]["masked"].numpy().nbytes for c in contents)
 
 
 @pytest.mark.parametrize("optimizer", ["fedavg", "fedavgm", "fedadam"])
@@ -139,7 +144,9 @@ def test_keys_are_validated_and_methods_needing_per_client_values_refused() -> N
         resolve({"secure-aggregation": "on"})
     with pytest.raises(ConfigError, match=r"secure-aggregation: 'secagg' cannot run method='climb': .*each client's"):
         resolve({"secure-aggregation": "secagg", "method": "climb"})
-    with pytest.raises(ConfigError, match="method='redgrape'"):
-        resolve({"secure-aggregation": "secagg", "method": "redgrape"})
+    with pytest.raises(ConfigError, match=r"method='moon': its server needs more than sums"):
+        resolve({"secure-aggregation": "secagg", "method": "moon"})
+    for method in ("redgrape", "grape-la", "creff"):  # their servers need per-class sums and holder counts
+        assert resolve({"secure-aggregation": "secagg", "method": method}).method == method
     with pytest.raises(ConfigError, match="secagg-min-cohort"):
         resolve({"secure-aggregation": "secagg", "method": "fedavg", "secagg-min-cohort": 1})

@@ -20,7 +20,7 @@ from torch import nn
 from fedlt_app.config import resolve
 from fedlt_app.data import FederatedData, ImageDataset
 from fedlt_app.methods import ClientReport, ServerMethod
-from fedlt_app.methods.redgrape import RedGrapeServer
+from fedlt_app.methods.decoupled.redgrape import RedGrapeServer
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.strategy import METHOD_KEY, FedLTStrategy, sample_cohort, server_optimizer
 

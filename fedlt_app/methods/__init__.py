@@ -7,16 +7,19 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, extend_nothing
-from fedlt_app.methods.ccvr import CCVRClient, CCVRServer
-from fedlt_app.methods.climb import ClimbClient, ClimbServer
-from fedlt_app.methods.creff import CReFFClient, CReFFServer
-from fedlt_app.methods.fedlc import FedLCClient
-from fedlt_app.methods.focal import FocalClient
-from fedlt_app.methods.grape_la import GrapeLAClient, GrapeLAServer
-from fedlt_app.methods.moon import MoonClient, MoonServer, add_projection_head
-from fedlt_app.methods.ratio_loss import RatioLossClient, RatioLossServer
-from fedlt_app.methods.redgrape import RedGrapeClient, RedGrapeServer, add_supplementary_classifier
-from fedlt_app.methods.vision_language import ZeroShotServer, promptfl_model, zero_shot_model
+from fedlt_app.methods.decoupled.ccvr import CCVRClient, CCVRServer
+from fedlt_app.methods.loss.climb import ClimbClient, ClimbServer
+from fedlt_app.methods.decoupled.creff import CReFFClient, CReFFServer
+from fedlt_app.methods.fixed_classifier.fedetf import FedETFClient, FedETFServer, add_etf_classifier
+from fedlt_app.methods.loss.fedgrab import FedGraBClient, FedGraBServer
+from fedlt_app.methods.loss.fedlc import FedLCClient
+from fedlt_app.methods.fixed_classifier.fednh import FedNHClient, FedNHServer, add_prototype_classifier
+from fedlt_app.methods.loss.focal import FocalClient
+from fedlt_app.methods.decoupled.grape_la import GrapeLAClient, GrapeLAServer
+from fedlt_app.methods.representation.moon import MoonClient, MoonServer, add_projection_head
+from fedlt_app.methods.loss.ratio_loss import RatioLossClient, RatioLossServer
+from fedlt_app.methods.decoupled.redgrape import RedGrapeClient, RedGrapeServer, add_supplementary_classifier
+from fedlt_app.methods.vision_language.clip_prompts import ZeroShotServer, promptfl_model, zero_shot_model
 from fedlt_app.models import EncoderClassifier
 
 if TYPE_CHECKING:
@@ -45,6 +48,12 @@ METHODS: dict[str, Method] = {
     "creff": Method(CReFFClient, CReFFServer),
     "ccvr": Method(CCVRClient, CCVRServer),  # calibration: a statistics query before each evaluation
     "moon": Method(MoonClient, MoonServer, add_projection_head),  # keeps each client's previous model on its node
+    # fixed simplex-ETF classifier (never sent) + projection; personal fine-tuning for the personalised accuracy
+    "fedetf": Method(FedETFClient, FedETFServer, add_etf_classifier),
+    # frozen class prototypes on the sphere, moved by the server (global_model_overrides); unweighted averaging
+    "fednh": Method(FedNHClient, FedNHServer, add_prototype_classifier),
+    # PID-balanced sigmoid loss, controllers kept on each client's node; optional DPA tail from the server
+    "fedgrab": Method(FedGraBClient, FedGraBServer),
     "redgrape": Method(RedGrapeClient, RedGrapeServer, add_supplementary_classifier),
     # fedlt's own method (not a paper's): RedGrape + logit adjustment by the class prior
     "grape-la": Method(GrapeLAClient, GrapeLAServer, add_supplementary_classifier),

@@ -31,6 +31,20 @@ ClientState = dict[str, np.ndarray]
 """Arrays a client method keeps on its own node between the rounds it trains in."""
 
 
+@dataclass(frozen=True)
+class SumSpec:
+    """One array a method's server needs only as its sum over the round's clients.
+
+    Under secure aggregation (secure-aggregation=secagg) the server sees nothing but such sums, so a
+    method runs there only if its ``absorb`` can be written on them (``ServerMethod.sum_segments``).
+    ``exact``: integers (holder flags, class counts), summed exactly; otherwise real values, summed in
+    fixed point (each coordinate of a sum off by less than 2^-24 per client).
+    """
+
+    shape: tuple[int, ...]
+    exact: bool = False
+
+
 class ClientMethod:
     """Plain instance-balanced cross-entropy training (FedAvg+CE).
 
@@ -78,6 +92,15 @@ class ClientMethod:
         """Arrays sent back to the server beside the model."""
         return {}
 
+    def summands(self) -> Payload:
+        """This client's term of each of its server's ``sum_segments``, of exactly the declared shape.
+
+        Under secure aggregation these leave the client (masked) instead of ``report``, and only their
+        sum over the round is revealed; dense, so a class the client lacks is a zero row rather than a
+        missing one (the vector's shape must not say which classes it holds). Empty: nothing to sum.
+        """
+        return {}
+
     def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision) -> Payload:
         """Answer the server's statistics query (outside training) about ``model`` on the local data.
 
@@ -93,6 +116,25 @@ class ClientMethod:
         came, so a method that never writes it stores nothing.
         """
         return self.state
+
+    def personalised_model(self, model: EncoderClassifier) -> EncoderClassifier | None:
+        """This client's personalised network, for the personalised accuracy; None: the method has none.
+
+        Methods with a per-client part (FedETF's fine-tuned ETF and projection, FedNH's, FedLoGe's local
+        heads) return the network this client would deploy for *itself*. Called by the client app once per
+        round, after local training succeeded and after the reply's model and ``state_to_keep`` were
+        taken, with ``model``: this round's locally trained model. Return ``model`` itself, or a copy
+        with the personal parts (from ``self.state``) or fine-tuned; never change ``model`` in place (it
+        is the worker's shared model object). A fine-tuning step must go through
+        ``fedlt_app.train.train_locally`` (data kept from ``begin``), not a loop of its own.
+
+        The app evaluates the result on the balanced test set re-weighted to this client's training
+        label distribution (``fedlt_app.personalised``) and reports it in the train reply's metrics as
+        ``personalised-accuracy``; the server writes the cohort's mean and per-client values in
+        metrics.jsonl (``personalised_accuracy``, ``personalised_accuracy_per_client``, aligned with
+        ``clients``). Nothing extra travels but that one number per client.
+        """
+        return None
 
 
 @dataclass(frozen=True)
@@ -135,6 +177,26 @@ class ServerMethod:
 
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
         """Take this round's client payloads (only replies that succeeded)."""
+
+    def sum_segments(self) -> dict[str, SumSpec]:
+        """What ``absorb`` needs when the server may see only sums over the round's clients
+        (secure-aggregation=secagg): name -> shape and kind of the clients' ``summands``.
+        Empty: nothing beyond the weighted model average."""
+        return {}
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
+        """``absorb`` under secure aggregation: the sums over the round's surviving clients of their
+        ``summands``, real segments as float64 and exact ones as int64 (one per ``sum_segments`` entry)."""
+
+    def global_model_overrides(self, server_round: int) -> Payload:
+        """Entries of the new global model that the method sets itself, after ``absorb`` and the model update.
+
+        Key: a ``travelling_state`` key; value: the array that replaces the aggregate's (same shape). For a
+        part of the model that the server, not the clients' average, decides (FedNH's class prototypes: its
+        smoothed update of what the clients report). The new global model is what is broadcast, evaluated
+        and checkpointed, so the part never needs a payload of its own. Empty: the aggregate as it is.
+        """
+        return {}
 
     def wants_statistics(self, server_round: int) -> bool:
         """Whether, before this round's evaluation, every client answers ``ClientMethod.statistics`` on the

@@ -63,16 +63,24 @@ def handle_unmask(msg: Message, context: Context) -> Message:
 
 
 def masked_train_reply(msg: Message, context: Context, local_arrays: Mapping[str, np.ndarray], num_examples: int,
-                       mean_loss: float, rounding_seed: int) -> RecordDict:
-    """The train reply's whole content under secure aggregation: one masked vector, nothing else."""
+                       mean_loss: float, rounding_seed: int,
+                       summands: Mapping[str, np.ndarray] | None = None) -> RecordDict:
+    """The train reply's whole content under secure aggregation: one masked vector, nothing else.
+
+    ``summands``: the method's terms (``ClientMethod.summands``) for the sums the train message names.
+    """
     if RECORD not in msg.content:
         raise RuntimeError("secure-aggregation=secagg: the train message carries no secure-aggregation record; "
                            "refusing to send an unmasked update")
     client = _load(context)
-    global_arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}
-    layout = fedavg_layout(global_arrays)
+    record = wire.from_record(msg.content[RECORD])
+    # The reference is the model as this client loaded it (a server optimizer may send float64, the model
+    # trains in float32): the server takes the same, so the decoded mean never depends on the sent dtype.
+    global_arrays = {k: v.numpy().astype(np.asarray(local_arrays[k]).dtype, copy=False)
+                     for k, v in msg.content["arrays"].items()}
+    layout = fedavg_layout(global_arrays, wire.segments_from(record))
     vector = pack_update(layout, global_arrays, local_arrays, num_examples, mean_loss,
-                         np.random.default_rng([rounding_seed, _ROUNDING_STREAM]))
-    res = client.masked_input(wire.masked_input_ins_from(wire.from_record(msg.content[RECORD])), vector)
+                         np.random.default_rng([rounding_seed, _ROUNDING_STREAM]), summands)
+    res = client.masked_input(wire.masked_input_ins_from(record), vector)
     _save(context, client)
     return RecordDict({RECORD: wire.to_record(wire.masked_arrays(res))})

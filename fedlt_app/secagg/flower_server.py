@@ -4,14 +4,17 @@ Per round: ``secagg_keys`` and ``secagg_shares`` queries to the cohort (before t
 messages carry each client's routed ciphertexts, the clients' train replies carry only masked vectors,
 and a ``secagg_unmask`` query to the survivors yields the sum.  The strategy then sees one synthetic
 reply with the weighted-mean arrays and the cohort's total example count, so every server optimizer,
-BatchNorm averaging and checkpointing work as without secure aggregation.
+BatchNorm averaging and checkpointing work as without secure aggregation, and the method's sums
+(``ServerMethod.sum_segments``, e.g. RedGrape's per-class prototype sums and holder counts) beside it.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from logging import WARNING
+from typing import TYPE_CHECKING
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
@@ -24,7 +27,10 @@ from fedlt_app.secagg.errors import BelowThreshold
 from fedlt_app.secagg.layout import Layout
 from fedlt_app.secagg.messages import default_threshold
 from fedlt_app.secagg.server import SecAggServer
-from fedlt_app.secagg.update import fedavg_layout, unpack_average
+from fedlt_app.secagg.update import fedavg_layout, method_segments, unpack_average, unpack_method_sums
+
+if TYPE_CHECKING:
+    from fedlt_app.methods.base import SumSpec
 
 RECORD = "secagg"
 QUERY_KEYS, QUERY_SHARES, QUERY_UNMASK = "secagg_keys", "secagg_shares", "secagg_unmask"
@@ -39,6 +45,12 @@ class _Round:
     grid: Grid
 
 
+def masked_values(replies: list[Message]) -> int:
+    """How many values the masked train replies carry: under secagg this is what travels up in place of the
+    model (every value of the vector, BatchNorm statistics, counters and method sums included)."""
+    return sum(int(r.content[RECORD]["masked"].numpy().size) for r in replies)
+
+
 class SecureRounds:
     """Secure aggregation for every round of a run; counts the protocol's bytes each way."""
 
@@ -51,8 +63,14 @@ class SecureRounds:
         self._round: _Round | None = None
 
     def prepare(self, grid: Grid, server_round: int, train_messages: list[Message],
-                global_arrays: ArrayRecord) -> list[Message]:
-        """Runs the key and share rounds; returns the train messages of U2 with their ciphertexts added."""
+                global_arrays: ArrayRecord, method_sums: Mapping[str, SumSpec] | None = None) -> list[Message]:
+        """Runs the key and share rounds; returns the train messages of U2 with their ciphertexts added.
+
+        ``global_arrays``: the model the clients start from, in the dtypes they train it in (the deltas'
+        reference, and the dtypes of the decoded mean).
+        ``method_sums``: what the method's server needs summed besides the model (its ``sum_segments``);
+        each train message names these segments, and the clients append them to their vectors.
+        """
         self.bytes_down = self.bytes_up = 0
         nodes = [m.metadata.dst_node_id for m in train_messages]
         threshold = max(default_threshold(len(nodes)), self.min_cohort)
@@ -60,7 +78,8 @@ class SecureRounds:
             raise BelowThreshold(f"round {server_round}: the cohort has {len(nodes)} clients, fewer than "
                                  f"secagg-min-cohort={self.min_cohort}")
         arrays = {k: v.numpy() for k, v in global_arrays.items()}
-        layout = fedavg_layout(arrays)
+        extra = method_segments(method_sums or {})
+        layout = fedavg_layout(arrays, extra)
         context = b"fedlt-secagg|round=%d|" % server_round + os.urandom(16)
         server = SecAggServer(nodes, threshold, context, layout.length)
         self._round = _Round(server_round, server, layout, arrays, grid)
@@ -71,12 +90,14 @@ class SecureRounds:
         kept = [m for m in train_messages if m.metadata.dst_node_id in routed]
         for m in kept:  # Flower's FedAvg gives every message one shared RecordDict: each needs its own
             content = RecordDict(dict(m.content.items()))
-            content[RECORD] = wire.to_record(wire.ciphertexts_arrays(routed[m.metadata.dst_node_id].ciphertexts))
+            content[RECORD] = wire.to_record({**wire.ciphertexts_arrays(routed[m.metadata.dst_node_id].ciphertexts),
+                                              **wire.segments_arrays(extra)})
             m.content = content
         return kept
 
-    def aggregate(self, replies: list[Message]) -> Message:
-        """The masked replies -> one reply holding the weighted-mean arrays, n and the mean loss."""
+    def aggregate(self, replies: list[Message]) -> tuple[Message, dict[str, np.ndarray]]:
+        """The masked replies -> (one reply holding the weighted-mean arrays, n and the mean loss;
+        the method's sums by name, float64 real / int64 exact)."""
         assert self._round is not None, "prepare() runs first"
         r = self._round
         masked = {m.metadata.src_node_id: wire.masked_from(wire.from_record(m.content[RECORD])) for m in replies}
@@ -92,7 +113,7 @@ class SecureRounds:
             "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
             "metrics": MetricRecord({"num-examples": n, "train-loss": loss})})
         self._round = None
-        return synthetic
+        return synthetic, unpack_method_sums(r.layout, total)
 
     def _ask(self, query: str, arrays_by_node: dict[int, wire.Arrays]) -> dict[int, wire.Arrays]:
         """One query round; a node that fails or does not answer is left out (a dropout)."""

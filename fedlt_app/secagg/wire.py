@@ -7,12 +7,15 @@ and node ids are unsigned 64-bit, which ConfigRecord's signed ints cannot hold.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
 from fedlt_app.secagg.aead import NONCE_BYTES
 from fedlt_app.secagg.client import ClientSnapshot
 from fedlt_app.secagg.keys import KEY_BYTES
+from fedlt_app.secagg.layout import Segment
 from fedlt_app.secagg.messages import (
     SHARE_PLAINTEXT_BYTES,
     MaskedInputIns,
@@ -102,6 +105,21 @@ def share_keys_res_from(a: Arrays) -> ShareKeysRes:
 
 def masked_input_ins_from(a: Arrays) -> MaskedInputIns:
     return MaskedInputIns(ciphertexts_from(a))
+
+
+def segments_arrays(segments: tuple[Segment, ...]) -> Arrays:
+    """The method's segments of the round's layout (name, shape, kind), as JSON bytes: the server says
+    what it will sum, so a client whose method disagrees fails loudly instead of packing another layout."""
+    spec = [[s.name, list(s.shape), s.kind] for s in segments]
+    return {"segments": _blob(json.dumps(spec).encode())}
+
+
+def segments_from(a: Arrays) -> tuple[Segment, ...]:
+    """Inverse of ``segments_arrays`` (none when the record holds no spec)."""
+    if "segments" not in a:
+        return ()
+    return tuple(Segment(str(name), tuple(int(d) for d in shape), kind)
+                 for name, shape, kind in json.loads(a["segments"].tobytes().decode()))
 
 
 def masked_arrays(m: MaskedInputRes) -> Arrays:

@@ -40,12 +40,15 @@ from torch.nn import functional as F
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData, augment
-from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
-from fedlt_app.methods.redgrape import gradient_prototypes
+from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
+from fedlt_app.methods.class_sums import class_means, class_sum_segments, class_summands
+from fedlt_app.methods.decoupled.redgrape import gradient_prototypes
 from fedlt_app.methods.retrain import retrain_linear
 from fedlt_app.models import EncoderClassifier
 
 EPS = 1e-6
+GRADIENT_KEYS = ("creff-weight", "creff-bias")
+HOLDERS_KEY = "creff-holders"  # per class, how many of the round's clients report it (a sum under secagg)
 
 
 def rowwise_cosine_distance(synthetic: Tensor, real: Tensor) -> Tensor:
@@ -85,6 +88,11 @@ class CReFFClient(ClientMethod):
     def report(self) -> Payload:
         return self._report
 
+    def summands(self) -> Payload:
+        """Secure aggregation: the server's per-class mean needs only these sums (``class_sums``)."""
+        return class_summands(self.num_classes, self._report["creff-classes"],
+                              {k: self._report[k] for k in GRADIENT_KEYS}, HOLDERS_KEY)
+
 
 class CReFFServer(ServerMethod):
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
@@ -113,7 +121,22 @@ class CReFFServer(ServerMethod):
                 "creff-bias": self.classifier.bias.detach().numpy().copy()}
 
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
-        real = self.mean_real_gradients(reports)
+        self.absorb_real(self.mean_real_gradients(reports))
+
+    def sum_segments(self) -> dict[str, SumSpec]:
+        """Per class: the reporting clients' summed real gradients and their number."""
+        weight = tuple(self.classifier.weight.shape)
+        return class_sum_segments(self.num_classes, {"creff-weight": weight, "creff-bias": weight[:1]}, HOLDERS_KEY)
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
+        """``mean_real_gradients`` from the secure sums (classes in increasing order, means from float64 sums)."""
+        fresh, means = class_means(sums, GRADIENT_KEYS, HOLDERS_KEY)
+        self.absorb_real({int(c): (torch.from_numpy(means["creff-weight"][i]).float(),
+                                   torch.from_numpy(means["creff-bias"][i]).float())
+                          for i, c in enumerate(np.flatnonzero(fresh))})
+
+    def absorb_real(self, real: dict[int, tuple[Tensor, Tensor]]) -> None:
+        """Match the federated features to this round's mean real gradients, then re-train the classifier."""
         self.last_match_loss = self.match_features(real)
         self.classifier = self.retrain_classifier()
         self.trained = True

@@ -47,8 +47,8 @@ from torch.nn import functional as F
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
-from fedlt_app.methods.base import ClientReport, Payload
-from fedlt_app.methods.redgrape import RedGrapeClient, RedGrapeServer, two_head_logits
+from fedlt_app.methods.base import Payload, SumSpec
+from fedlt_app.methods.decoupled.redgrape import RedGrapeClient, RedGrapeServer, two_head_logits
 from fedlt_app.models import EncoderClassifier
 
 PRIOR_KEY = "class-prior"
@@ -86,6 +86,9 @@ class GrapeLAClient(RedGrapeClient):
     def report(self) -> Payload:
         return {**super().report(), COUNTS_KEY: self._counts.numpy().astype(np.int64)}
 
+    def summands(self) -> Payload:
+        return {**super().summands(), COUNTS_KEY: self._counts.numpy().astype(np.int64)}
+
 
 class GrapeLAServer(RedGrapeServer):
     """RedGrape's prototype store plus the running sum of the clients' class counts."""
@@ -100,16 +103,22 @@ class GrapeLAServer(RedGrapeServer):
             payload[PRIOR_KEY] = self.count_total / self.count_total.sum()
         return payload
 
-    def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
+    def summands_of(self, report: Payload) -> Payload:
+        return {**super().summands_of(report), COUNTS_KEY: np.asarray(report[COUNTS_KEY], dtype=np.int64)}
+
+    def sum_segments(self) -> dict[str, SumSpec]:
+        """RedGrape's, plus the cohort's class counts (exact)."""
+        return {**super().sum_segments(), COUNTS_KEY: SumSpec((self.num_classes,), exact=True)}
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
         """Prototypes as RedGrape; class counts summed over every round's cohort.
 
         With full participation every round adds the same vector, so the prior
         is exact from round 2 on; with sampled cohorts the running total is an
         unbiased estimate of the federation's class distribution.
         """
-        super().absorb(server_round, reports)
-        for report in reports:
-            self.count_total += report.payload[COUNTS_KEY].astype(np.int64)
+        super().absorb_sums(server_round, sums)
+        self.count_total += np.asarray(sums[COUNTS_KEY], dtype=np.int64)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {**super().state_dict(), "count_total": self.count_total}

@@ -37,11 +37,18 @@ from torch.nn import functional as F
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData, augment
-from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
+from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
+from fedlt_app.methods.class_sums import class_means, class_sum_segments, class_summands, summed
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import full_precision
 
 PROTO_KEYS = ("proto-weight", "proto-bias")
+HOLDERS_KEY = "proto-holders"  # per class, how many of the round's clients hold it (a sum under secagg)
+
+
+def prototype_summands(num_classes: int, report: Payload) -> Payload:
+    """A client's prototype report as the dense terms whose sums Eq. 15 needs (``class_sums``)."""
+    return class_summands(num_classes, report["proto-classes"], {k: report[k] for k in PROTO_KEYS}, HOLDERS_KEY)
 
 
 def add_supplementary_classifier(model: EncoderClassifier) -> EncoderClassifier:
@@ -199,6 +206,9 @@ class RedGrapeClient(ClientMethod):
     def report(self) -> Payload:
         return self._prototypes
 
+    def summands(self) -> Payload:
+        return prototype_summands(self.num_classes, self.report())
+
 
 class RedGrapeServer(ServerMethod):
     """Server side: the persistent per-class store of global gradient prototypes."""
@@ -215,19 +225,24 @@ class RedGrapeServer(ServerMethod):
             return {}
         return {"proto-weight": self.weight, "proto-bias": self.bias, "proto-mask": self.known}
 
+    def summands_of(self, report: Payload) -> Payload:
+        """What a client with this report contributes to ``sum_segments`` (its ``ClientMethod.summands``)."""
+        return prototype_summands(self.num_classes, report)
+
+    def sum_segments(self) -> dict[str, SumSpec]:
+        """Per class: the holders' summed prototypes and the number of holders (Eq. 15 is their ratio)."""
+        return class_sum_segments(self.num_classes, {"proto-weight": self.weight.shape[1:],
+                                                     "proto-bias": self.bias.shape[1:]}, HOLDERS_KEY)
+
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
-        """Eq. 15: unweighted mean over the clients that hold the class."""
-        weight_sum = np.zeros_like(self.weight, dtype=np.float64)
-        bias_sum = np.zeros_like(self.bias, dtype=np.float64)
-        holders = np.zeros(self.num_classes, dtype=np.int64)
-        for report in reports:
-            classes = report.payload["proto-classes"]
-            weight_sum[classes] += report.payload["proto-weight"]
-            bias_sum[classes] += report.payload["proto-bias"]
-            holders[classes] += 1
-        fresh = holders > 0
-        self.weight[fresh] = weight_sum[fresh] / holders[fresh, None, None]
-        self.bias[fresh] = bias_sum[fresh] / holders[fresh, None]
+        """Eq. 15 on plain reports: the very sums secure aggregation would reveal."""
+        self.absorb_sums(server_round, summed(self.sum_segments(), (self.summands_of(r.payload) for r in reports)))
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
+        """Eq. 15: unweighted mean over the clients that hold the class; last value kept where none does."""
+        fresh, means = class_means(sums, PROTO_KEYS, HOLDERS_KEY)
+        self.weight[fresh] = means["proto-weight"]
+        self.bias[fresh] = means["proto-bias"]
         self.known |= fresh
 
     def round_metrics(self) -> dict[str, float | int]:
