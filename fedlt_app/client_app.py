@@ -12,6 +12,8 @@ from fedlt_app.active import client as active_learning
 from fedlt_app.active import protocol as al_protocol
 from fedlt_app.config import RunConfig, parse_class_list, resolve
 from fedlt_app.data import FederatedData
+from fedlt_app.generative import phase as regl_phase
+from fedlt_app.generative.synthetic import synthetic_data, with_synthetic
 from fedlt_app.methods import get_method
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.personalised import label_distribution, personalised_accuracy
@@ -73,7 +75,9 @@ def train(msg: Message, context: Context) -> Message:
     partition_id, _ = node_partition(context.node_config)
     data, images, labels = client_dataset(cfg, context.node_config)
     images, labels = active_learning.restrict_to_labeled(msg.content["config"], context.state, images, labels)
+    real_labels = labels  # the client's own (personalised accuracy, regl-weight-count=real)
     device = resolve_device(cfg.device)
+    images, labels, synthetic = with_synthetic(cfg, data, images, labels, partition_id, device)  # ReGL: + generated
     model = _model(cfg, data, device)
     model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
 
@@ -86,29 +90,30 @@ def train(msg: Message, context: Context) -> Message:
                                            state=load_client_state(context.state))
     started = time.perf_counter()
     stats = train_locally(model, images, labels, method, LocalTraining.from_config(cfg), generator)
+    method.finish(model)  # work on the trained model for the reply (RUCR's classifier re-training)
     train_seconds = time.perf_counter() - started
+    weight = len(real_labels) if synthetic is not None and cfg.regl_weight_count == "real" else stats.num_examples
     save_client_state(context.state, method.state_to_keep(model))  # only after training succeeded
 
+    metrics = MetricRecord({"num-examples": weight, "train-loss": stats.mean_loss, "train-seconds": train_seconds})
+    if synthetic is not None:
+        metrics["num-synthetic"] = len(synthetic.labels)
     if cfg.secure_aggregation == "secagg":  # one masked vector leaves, nothing else (README "Secure aggregation")
         summands = method.summands()  # what its server needs summed (RedGrape: per-class prototypes, holders)
         if method.report() and not summands:
             raise RuntimeError(f"secure-aggregation=secagg: method {cfg.method!r} reports per-client arrays")
-        local = {k: v.detach().cpu().numpy() for k, v in model.travelling_state().items()}
-        return Message(secure.masked_train_reply(msg, context, local, stats.num_examples, stats.mean_loss, seed,
-                                                 summands), reply_to=msg)
-    content = RecordDict(
-        {
-            "arrays": ArrayRecord(model.travelling_state()),
-            "metrics": MetricRecord({"num-examples": stats.num_examples, "train-loss": stats.mean_loss,
-                                     "train-seconds": train_seconds}),
-        }
-    )
-    report = method.report()
-    if report:
-        content[METHOD_KEY] = payload_to_record(report)
+        local = {k: v.detach().cpu().numpy().copy() for k, v in model.travelling_state().items()}
+    else:
+        content = RecordDict({"arrays": ArrayRecord(model.travelling_state()), "metrics": metrics})
+        report = method.report()
+        if report:
+            content[METHOD_KEY] = payload_to_record(report)
     personal = method.personalised_model(model)  # after the reply's model was taken: a tuned copy never leaves
     if personal is not None:  # FedETF, FedNH, FedLoGe: one number beside the global metrics
-        report_personalised_accuracy(content["metrics"], personal, data, labels, cfg, device)
+        report_personalised_accuracy(metrics, personal, data, real_labels, cfg, device)
+    if cfg.secure_aggregation == "secagg":  # the metrics the server names travel masked (their cohort mean)
+        return Message(secure.masked_train_reply(msg, context, local, weight, stats.mean_loss, seed, summands,
+                                                 dict(metrics)), reply_to=msg)
     return Message(content=content, reply_to=msg)
 
 
@@ -134,11 +139,22 @@ def method_statistics(msg: Message, context: Context) -> Message:
     cfg = resolve(context.run_config)
     data, images, labels = client_dataset(cfg, context.node_config)
     device = resolve_device(cfg.device)
+    images, labels, _ = with_synthetic(cfg, data, images, labels, node_partition(context.node_config)[0], device)
     model = _model(cfg, data, device)
     model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
     method = get_method(cfg.method).client(cfg, data.num_classes, {})
     payload = method.statistics(model, images, labels, precision_for(cfg.precision, device))
     return Message(RecordDict({METHOD_KEY: payload_to_record(payload)}), reply_to=msg)
+
+
+@app.query(regl_phase.QUERY)
+def regl_generate(msg: Message, context: Context) -> Message:
+    """ReGL's generation phase (synthetic-data=regl): generate or find this client's images; counts go back."""
+    cfg = resolve(context.run_config)
+    data, images, labels = client_dataset(cfg, context.node_config)
+    synthetic = synthetic_data(cfg, data, images, labels, node_partition(context.node_config)[0],
+                               resolve_device(cfg.device))
+    return Message(regl_phase.reply_content(synthetic), reply_to=msg)
 
 
 # Active learning (al-method): the query passes; see fedlt_app/active/client.py.

@@ -15,12 +15,18 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "climb", "creff", "ccvr", "moon", "redgrape",
-                "grape-la", "zero-shot-clip", "promptfl", "fedetf", "fednh", "fedgrab")
-# Methods whose server needs only sums over a round's clients: the weighted model sum, and for
-# redgrape / grape-la / creff per-class sums and holder counts (ServerMethod.sum_segments).
-SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "redgrape", "grape-la", "creff")
-CLIP_METHODS = ("zero-shot-clip", "promptfl")  # need the clip extra and clip-weights (fedlt_app/clip)
+from fedlt_app.generative.shortfall import TARGETS as REGL_TARGETS
+
+METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "climb", "creff", "ccvr", "rucr", "fedic",
+                "moon", "redgrape", "grape-la", "zero-shot-clip", "promptfl", "capt", "clip2fl", "fedetf", "fednh", "fedgrab",
+                "fedloge")
+# Methods whose server needs only sums over a round's clients: the weighted model sum (fednh: unweighted,
+# ServerMethod.client_weighting), and for redgrape / grape-la / creff / fednh per-class sums and counts,
+# fedgrab its clients' summed PID weights (ServerMethod.sum_segments); fedetf / fednh's personalised
+# accuracy travels masked (the cohort's mean only).
+SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "redgrape", "grape-la", "creff", "fedetf",
+                  "fednh", "fedgrab")
+CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")  # need the clip extra and clip-weights (fedlt_app/clip)
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # see fedlt_app/precision.py
@@ -65,6 +71,14 @@ def class_list(v: str) -> str | None:
 
 def optional_class_list(v: str) -> str | None:
     return None if not v.strip() else class_list(v)
+
+
+def positive_int_list(v: str) -> str | None:
+    try:
+        values = parse_class_list(v)
+    except ValueError:
+        values = (0,)
+    return None if min(values) >= 1 else 'must be comma-separated positive integers, e.g. "1,2,3,5,7,10"'
 
 
 def parse_class_list(text: str) -> tuple[int, ...]:
@@ -161,6 +175,44 @@ SCHEMA: tuple[Option, ...] = (
            "CCVR: calibrate (and evaluate calibrated) every round's global model, or only the last round's "
            "(FedLTLib: once, after training); training never sees the calibrated classifier",
            one_of("every-round", "final")),
+    Option("rucr-feature-weight", float, 0.15,
+           "RUCR: weight of the balanced prototype (representation unification) term (official run's "
+           "feat_loss_arg 0.15; 0 = cross-entropy alone)", at_least(0.0)),
+    Option("rucr-temperature", float, 0.9, "RUCR: temperature t of the prototype cosines (official run's t 0.9)",
+           at_least(0.0, strict=True)),
+    Option("rucr-times", float, 1.0,
+           "RUCR: factor of the cohort's log class ratio added to the target logit (official times 1.0)",
+           at_least(0.0)),
+    Option("rucr-crt-rounds", int, 20,
+           "RUCR: classifier rectification in rounds r with num-server-rounds - r <= this, i.e. the last "
+           "rucr-crt-rounds + 1 (official crt_ep 20)", at_least(0)),
+    Option("rucr-crt-epochs", int, 50, "RUCR: epochs of each client's classifier re-training (official local_bal_ep)",
+           at_least(0)),
+    Option("rucr-crt-features-per-class", int, 100,
+           "RUCR: mixed features per class for the re-training (official crt_feat_num)", at_least(1)),
+    Option("rucr-crt-lr", float, 0.01, "RUCR: learning rate of the classifier re-training (official lr_cls_balance)",
+           at_least(0.0, strict=True)),
+    Option("rucr-crt-batch-size", int, 256, "RUCR: batch size of the classifier re-training (official "
+           "crt_batch_size)", at_least(1)),
+    Option("rucr-mixup-low", float, 0.35, "RUCR: lower end of the mixing weight lambda (official uniform_left)",
+           in_unit_interval),
+    Option("rucr-mixup-high", float, 0.95, "RUCR: upper end of the mixing weight lambda (official uniform_right)",
+           in_unit_interval),
+    Option("fedic-server-data", str, "",
+           "FedIC: the server's labeled and unlabeled data; heldout = training-split images on no client (per "
+           "class the first fedic-teach-per-class labeled, the rest unlabeled). No default: method=fedic must "
+           "set it", one_of("", "heldout")),
+    Option("fedic-teach-per-class", int, 100, "FedIC: labeled server images per class (official 100)", at_least(1)),
+    Option("fedic-steps", int, 100, "FedIC: Adam steps of each server stage: refine, calibrate, distil (official 100)",
+           at_least(1)),
+    Option("fedic-lr", float, 0.001, "FedIC: Adam learning rate of the server stages (official lr_global_teaching)",
+           at_least(0.0, strict=True)),
+    Option("fedic-temperature", float, 2.0, "FedIC: distillation temperature (official 2)", at_least(0.0, strict=True)),
+    Option("fedic-ld", float, 0.5, "FedIC: weight of the distillation term; 1 - ld weighs the labeled "
+           "cross-entropy (official ld 0.5)", in_unit_interval),
+    Option("fedic-labeled-batch-size", int, 20, "FedIC: labeled server batch (official mini_batch_size)", at_least(1)),
+    Option("fedic-unlabeled-batch-size", int, 128, "FedIC: unlabeled server batch (official "
+           "mini_batch_size_unlabeled)", at_least(1)),
     Option("fedetf-temperature", float, 1.0,
            "FedETF: initial value of the learnable temperature beta on the ETF logits (official scaling_train of "
            "its ResNets: 1.0)", at_least(0.0, strict=True)),
@@ -177,6 +229,21 @@ SCHEMA: tuple[Option, ...] = (
     Option("fedetf-finetune-projection-lr", float, 0.05,
            "FedETF: SGD lr of the projection fine-tuning, momentum as momentum (official 0.05)",
            at_least(0.0, strict=True)),
+    Option("fedloge-sparsity", float, 0.6,
+           "FedLoGe: fraction beta of the SSE-C's entries set to zero, drawn uniformly (official gen_sparse_ETF "
+           "beta 0.6)", in_range(0.0, 1.0)),
+    Option("fedloge-sse-norm", float, 0.1,
+           "FedLoGe: norm the SSE-C's class vectors are optimised towards (official 0.1; FedLTLib 1.0)",
+           at_least(0.0, strict=True)),
+    Option("fedloge-sse-steps", int, 10000,
+           "FedLoGe: Adam steps (lr 1e-4) that optimise the SSE-C's surviving entries (official 10000)", at_least(0)),
+    Option("fedloge-gha-norm", float, 1.7,
+           "FedLoGe: norm gamma of every class row of the auxiliary global head after the global realignment "
+           "(GHA; official globaltest_calibra 1.7)", at_least(0.0, strict=True)),
+    Option("fedloge-realign", str, "every-round",
+           "FedLoGe: rounds whose global model is g_aux realigned (GHA) and whose personalised models are "
+           "realigned (LA): every-round, last-round (the official step 2, after training) or off (the official "
+           "per-round log: the SSE-C model; local + aux heads)", one_of("every-round", "last-round", "off")),
     Option("rebalance-lambda", float, 0.1, "RedGrape's lambda: weight of the re-balancing step", at_least(0.0)),
     Option("rebalance-step", str, "plain",
            "RedGrape: plain (authors' code: an extra momentum-free step on W after the optimizer step) or "
@@ -193,7 +260,87 @@ SCHEMA: tuple[Option, ...] = (
            "'CLIP methods')"),
     Option("promptfl-n-ctx", int, 16, "PromptFL: learnable context vectors shared by all classes (CoOp's 16)",
            at_least(1)),
+    Option("capt-n-ctx", int, 4, "CAPT: learned prompt tokens per class, general + class-aware (the code's 4)",
+           at_least(2)),
+    Option("capt-n-general", int, 1, "CAPT: general prompt tokens n_g (< capt-n-ctx; also the visual prompts)",
+           at_least(1)),
+    Option("capt-temperature", float, 0.1, "CAPT: temperature T of the two contrastive terms",
+           at_least(0.0, strict=True)),
+    Option("capt-alpha", float, 1.0, "CAPT: weight of the general-prompt term L_G", at_least(0.0)),
+    Option("capt-beta", float, 1.0, "CAPT: weight of the class-aware term L_CA", at_least(0.0)),
+    Option("capt-prior", str, "global",
+           "CAPT: class prior of L_LA and L_CA: global (the federation's, summed from the counts clients share; "
+           "a client's own before any arrived) or local (the client's own); the code reads the global training "
+           "labels directly", one_of("global", "local")),
+    Option("capt-class-threshold", float, 0.1,
+           "CAPT: a client's a_c joins class c's aggregate when its class share p_kc exceeds this (the code's 0.1)",
+           in_unit_interval),
+    Option("capt-sim-clusters", int, 4, "CAPT: KMeans clusters of clients by label-distribution similarity",
+           at_least(1)),
+    Option("capt-comp-clusters", int, 4, "CAPT: complete-linkage clusters of clients by head/tail complementarity",
+           at_least(1)),
+    Option("capt-mab-arms", str, "1,2,3,5,7,10", "CAPT: the bandit's arms: global aggregation every this many rounds",
+           positive_int_list),
+    Option("capt-mab-epsilon", float, 0.1, "CAPT: the bandit's exploration probability", in_unit_interval),
+    Option("capt-mab-reward", str, "val",
+           "CAPT: val (the bandit's reward from the clients' accuracy and macro-F1 of the model they received, on "
+           "their own data; never test labels) or off (global aggregation every round, no bandit)",
+           one_of("val", "off")),
+    Option("capt-mask", str, "fixed",
+           "CAPT: fixed (rows of a for classes absent from the batch do not move: masked before the step, restored "
+           "after it) or code (the code's mask runs after the step: every row moves)", one_of("fixed", "code")),
+    Option("capt-weight-decay", float, 5e-4, "CAPT: SGD weight decay on g, a and F (Dassl's default)", at_least(0.0)),
+    Option("capt-contrastive-space", str, "token",
+           "CAPT: what image features meet in L_CA: token (the code: mean class-aware token embeddings) or "
+           "text-feature (the encoded class prompts)", one_of("token", "text-feature")),
+    Option("capt-share-histogram", bool, True,
+           "CAPT: clients send their label counts (a label-distribution disclosure) for clustering, the per-class "
+           "rule and the global prior; false: no clustering, FedAvg of all prompts (the code's fedavg ablation)"),
+    Option("capt-deliver-clusters", bool, True,
+           "CAPT: a cluster's averaged prompts start its members' next round (fedlt's fix); false: each node "
+           "restarts from its own prompts and cluster averages only reach the global aggregation (the code)"),
+    Option("clip2fl-alpha", float, 2.0, "CLIP2FL: weight of the distillation from CLIP's zero-shot logits (code: 2)",
+           at_least(0.0)),
+    Option("clip2fl-temperature", float, 3.0, "CLIP2FL: distillation temperature T (code: 3)",
+           at_least(0.0, strict=True)),
+    Option("clip2fl-contrast-weight", float, 0.001,
+           "CLIP2FL: weight of the text-guided contrastive term in the server's feature matching (code: 0.001; "
+           "needs the model's feature width = CLIP's, e.g. cnn-mcmahan's 512; 0 = off)", at_least(0.0)),
+    Option("clip2fl-contrast-temperature", float, 0.1, "CLIP2FL: temperature of that term (code's ins_temp 0.1)",
+           at_least(0.0, strict=True)),
     Option("balance-threshold", int, 8, "RedGrape's T: real samples per class in the local balanced set", at_least(1)),
+    Option("synthetic-data", str, "off",
+           "ReGL: regl = every client adds generated images of its minority and missing classes to its training "
+           "data (any method; README 'ReGL'); off = real data only", one_of("off", "regl")),
+    Option("regl-generator", str, "",
+           "ReGL: local diffusers text-to-image pipeline folder, e.g. Stable Diffusion (never downloaded; README "
+           "'ReGL: weights')"),
+    Option("regl-target", str, "balanced-max",
+           "ReGL: count each class is filled to: balanced-max (the client's largest class), fixed "
+           "(regl-synthetic-per-class), global-prior (the client's largest class times the federation's prior "
+           "relative to its largest class)", one_of(*REGL_TARGETS)),
+    Option("regl-synthetic-per-class", int, 400, "ReGL: the count of regl-target=fixed (FGL's 400)", at_least(0)),
+    Option("regl-prompt", str, "A photo of {class}", "ReGL: prompt template; {class} is the class name (paper)",
+           lambda v: None if "{class}" in v else "must contain {class}"),
+    Option("regl-negative-prompt", str, "", "ReGL: negative prompt (empty = none; FGL: 'low quality, low resolution')"),
+    Option("regl-steps", int, 50, "ReGL: denoising steps per image (FGL's 50)", at_least(1)),
+    Option("regl-guidance", float, 2.0, "ReGL: classifier-free guidance scale (FGL's 2)", at_least(0.0)),
+    Option("regl-resolution", int, 0, "ReGL: generation size in pixels (0 = the pipeline's native size)",
+           at_least(0)),
+    Option("regl-batch-size", int, 8, "ReGL: images per pipeline call (memory only: images do not depend on it)",
+           at_least(1)),
+    Option("regl-lora", bool, False, "ReGL: adapt the pipeline's UNet to the client's images with LoRA first"),
+    Option("regl-lora-rank", int, 4, "ReGL: LoRA rank (alpha = rank; assumed)", at_least(1)),
+    Option("regl-lora-steps", int, 200, "ReGL: LoRA training steps per client (assumed)", at_least(1)),
+    Option("regl-lora-lr", float, 1e-4, "ReGL: LoRA AdamW learning rate (assumed)", at_least(0.0, strict=True)),
+    Option("regl-lora-batch-size", int, 4, "ReGL: real images per LoRA step (assumed)", at_least(1)),
+    Option("regl-cache-dir", str, "", "ReGL: cache of generated images (empty = ~/.cache/fedlt/regl)"),
+    Option("regl-weight-count", str, "all",
+           "ReGL: samples a client's FedAvg weight counts: all (real + synthetic) or real", one_of("all", "real")),
+    Option("regl-concurrent", int, 1, "ReGL: clients on one machine (one cache dir) generating at once",
+           at_least(1)),
+    Option("regl-generate-timeout", float, 86400.0, "ReGL: seconds the server waits for the generation phase",
+           at_least(0.0, strict=True)),
     Option("round-timeout", float, 3600.0, "seconds to wait for a round's replies; late clients count as failed",
            at_least(0.0, strict=True)),
     Option("max-failure-fraction", float, 0.5, "stop the run when more of a round's clients fail", in_range(0.0, 1.0001)),
@@ -301,19 +448,82 @@ class RunConfig:
     ccvr_retrain_epochs: int
     ccvr_retrain_lr: float
     ccvr_calibrate: str
+    rucr_feature_weight: float
+    rucr_temperature: float
+    rucr_times: float
+    rucr_crt_rounds: int
+    rucr_crt_epochs: int
+    rucr_crt_features_per_class: int
+    rucr_crt_lr: float
+    rucr_crt_batch_size: int
+    rucr_mixup_low: float
+    rucr_mixup_high: float
+    fedic_server_data: str
+    fedic_teach_per_class: int
+    fedic_steps: int
+    fedic_lr: float
+    fedic_temperature: float
+    fedic_ld: float
+    fedic_labeled_batch_size: int
+    fedic_unlabeled_batch_size: int
     fedetf_temperature: float
     fedetf_finetune: str
     fedetf_finetune_rounds: int
     fedetf_finetune_epochs: int
     fedetf_finetune_etf_lr: float
     fedetf_finetune_projection_lr: float
+    fedloge_sparsity: float
+    fedloge_sse_norm: float
+    fedloge_sse_steps: int
+    fedloge_gha_norm: float
+    fedloge_realign: str
     rebalance_lambda: float
     rebalance_step: str
     grape_la_prior: str
     grape_la_tau: float
     clip_weights: str
     promptfl_n_ctx: int
+    capt_n_ctx: int
+    capt_n_general: int
+    capt_temperature: float
+    capt_alpha: float
+    capt_beta: float
+    capt_prior: str
+    capt_class_threshold: float
+    capt_sim_clusters: int
+    capt_comp_clusters: int
+    capt_mab_arms: str
+    capt_mab_epsilon: float
+    capt_mab_reward: str
+    capt_mask: str
+    capt_weight_decay: float
+    capt_contrastive_space: str
+    capt_share_histogram: bool
+    capt_deliver_clusters: bool
+    clip2fl_alpha: float
+    clip2fl_temperature: float
+    clip2fl_contrast_weight: float
+    clip2fl_contrast_temperature: float
     balance_threshold: int
+    synthetic_data: str
+    regl_generator: str
+    regl_target: str
+    regl_synthetic_per_class: int
+    regl_prompt: str
+    regl_negative_prompt: str
+    regl_steps: int
+    regl_guidance: float
+    regl_resolution: int
+    regl_batch_size: int
+    regl_lora: bool
+    regl_lora_rank: int
+    regl_lora_steps: int
+    regl_lora_lr: float
+    regl_lora_batch_size: int
+    regl_cache_dir: str
+    regl_weight_count: str
+    regl_concurrent: int
+    regl_generate_timeout: float
     round_timeout: float
     max_failure_fraction: float
     secure_aggregation: str
@@ -445,6 +655,13 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
         values[option.key.replace("-", "_")] = value
     if values["method"] == "fedprox" and values["prox_mu"] <= 0:
         raise ConfigError("prox-mu: method 'fedprox' needs prox-mu > 0 (e.g. prox-mu=0.01)")
+    if values["method"] == "fedic" and not values["fedic_server_data"]:
+        raise ConfigError("fedic-server-data: method 'fedic' distils on server data the federation lacks; set "
+                          "fedic-server-data=heldout (training-split images on no client; leave room with "
+                          "samples-per-class) (README 'FedIC')")
+    if values["rucr_mixup_low"] > values["rucr_mixup_high"]:
+        raise ConfigError(f"rucr-mixup-low: must be <= rucr-mixup-high={values['rucr_mixup_high']} "
+                          f"(got {values['rucr_mixup_low']})")
     if values["dataset"] == "femnist" and values["partition"] != "writers":
         raise ConfigError(
             f"partition: dataset 'femnist' has natural clients (its writers); use partition=writers "
@@ -460,6 +677,19 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
                               "weights, e.g. clip-weights='/path/ViT-B-16.pt' (README 'CLIP methods: weights')")
         if values["al_method"] != "none":
             raise ConfigError(f"al-method: active learning does not support method {values['method']!r}")
+    if values["method"] == "capt":
+        if values["capt_n_general"] >= values["capt_n_ctx"]:
+            raise ConfigError(f"capt-n-general: must be below capt-n-ctx={values['capt_n_ctx']} (the rest are the "
+                              f"class-aware tokens; got {values['capt_n_general']})")
+        if values["server_opt"] != "fedavg" or values["server_lr"] != 1.0:
+            raise ConfigError("server-opt: CAPT's server sets the whole global model itself (clusters, per-class "
+                              "rule); use server-opt='fedavg' and server-lr=1.0")
+    if values["synthetic_data"] == "regl":
+        if not values["regl_generator"]:
+            raise ConfigError("regl-generator: synthetic-data='regl' needs a local diffusers pipeline folder, e.g. "
+                              "regl-generator='/data/sd-v1-5' (README 'ReGL: weights')")
+        if values["al_method"] != "none":
+            raise ConfigError("synthetic-data: 'regl' does not support active learning (al-method)")
     if values["secure_aggregation"] == "secagg":
         if values["method"] not in SECAGG_METHODS:
             why = ("its server needs each client's loss" if values["method"] == "climb"

@@ -24,12 +24,13 @@ from fedlt_app.config import ConfigError, RunConfig, resolve
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data import tail_classes
 from fedlt_app.discovery import discover_clients
+from fedlt_app.generative.phase import generate_on_clients
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import evaluate
 from fedlt_app.precision import precision_for
 from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
 from fedlt_app.secagg.flower_server import SecureRounds
-from fedlt_app.strategy import FedLTStrategy, server_optimizer
+from fedlt_app.strategy import FedLTStrategy, masked_metrics, server_optimizer
 from fedlt_app.task import initial_model, resolve_device
 
 app = ServerApp()
@@ -88,7 +89,8 @@ def main(grid: Grid, context: Context) -> None:
         clients_per_round=cfg.clients_per_round,
         seed=cfg.seed,
         max_failure_fraction=cfg.max_failure_fraction,
-        secure=SecureRounds(cfg.secagg_min_cohort, cfg.round_timeout) if cfg.secure_aggregation == "secagg" else None,
+        secure=(SecureRounds(cfg.secagg_min_cohort, cfg.round_timeout, masked_metrics(method.client))
+                if cfg.secure_aggregation == "secagg" else None),
     )
     done = 0
     initial_arrays = ArrayRecord(model.travelling_state())
@@ -102,6 +104,8 @@ def main(grid: Grid, context: Context) -> None:
     info = federation_info(num_clients, data.class_counts, data.client_indices, data.dataset.train_labels.numpy(),
                            tail, context.run_id)
     info["server_precision"] = precision.name  # what `precision` (e.g. auto) resolved to on the server's device
+    if cfg.synthetic_data == "regl":  # ReGL: every client generates (or finds cached) its images before round 1
+        info["synthetic"] = generate_on_clients(grid, node_of_partition, cfg.regl_generate_timeout)
     log(INFO, "[fedlt] results -> %s", run_dir)
 
     with RunRecorder(cfg, run_dir, info, resume_after=done if cfg.resume_from else None) as recorder:

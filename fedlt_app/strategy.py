@@ -28,7 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
-from fedlt_app.methods import ClientReport, ServerMethod
+from fedlt_app.methods import ClientMethod, ClientReport, ServerMethod
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.records import (
     content_nbytes,
@@ -42,6 +42,15 @@ from fedlt_app.secagg.flower_server import SecureRounds, masked_values
 
 METHOD_KEY = "method"
 STATISTICS_QUERY = "method_statistics"  # ServerMethod.wants_statistics -> ClientMethod.statistics
+PERSONALISED_METRIC = "personalised-accuracy"  # the train reply's metric (ClientMethod.personalised_model)
+
+
+def masked_metrics(client: type[ClientMethod]) -> tuple[str, ...]:
+    """The train-reply metrics that secure aggregation carries inside the masked sum, so the server learns only
+    their cohort mean (``SecureRounds.metrics``): the personalised accuracy, for a method whose clients have
+    personalised models (they override ``ClientMethod.personalised_model``). Other per-client metrics are
+    dropped under secure aggregation."""
+    return (PERSONALISED_METRIC,) if client.personalised_model is not ClientMethod.personalised_model else ()
 
 
 ADAM_BETAS = (0.9, 0.999)
@@ -117,10 +126,16 @@ class RoundLog:
     client_train_seconds: list[float] = field(default_factory=list)  # local training alone, per client
     # partition id -> its personalised accuracy (ClientMethod.personalised_model; methods with personal parts)
     personalised: dict[int, float] = field(default_factory=dict)
+    # secure aggregation: the reporting clients' mean personalised accuracy, unmasked from their sum (no
+    # per-client values exist on the server then)
+    personalised_mean: float | None = None
 
     def personalised_metrics(self) -> dict[str, float | list[float | None]]:
         """The cohort's mean personalised accuracy and the per-client values aligned with ``cohort``
-        (None: the client failed); empty when no client reported one."""
+        (None: the client failed); empty when no client reported one. Under secure aggregation the mean
+        alone (``personalised_accuracy_per_client`` is absent)."""
+        if self.personalised_mean is not None:
+            return {"personalised_accuracy": self.personalised_mean}
         if not self.personalised:
             return {}
         return {"personalised_accuracy": float(np.mean(list(self.personalised.values()))),
@@ -141,7 +156,8 @@ def average_buffers(arrays: ArrayRecord, replies: list[Message]) -> None:
         arrays[key] = Array(np.asarray(mean).astype(stacked[0].dtype if stacked[0].dtype.kind == "f" else np.float64))
 
 
-def override_entries(arrays: ArrayRecord, overrides: dict[str, np.ndarray]) -> None:
+def override_entries(arrays: ArrayRecord, overrides: dict[str, np.ndarray],
+                     hook: str = "global_model_overrides") -> None:
     """Replace entries of the aggregated model by the server method's own (``ServerMethod.global_model_overrides``).
 
     In place, like ``average_buffers``: FedAvgM keeps the record it returns as its current arrays, so its next
@@ -149,11 +165,21 @@ def override_entries(arrays: ArrayRecord, overrides: dict[str, np.ndarray]) -> N
     """
     for key, value in overrides.items():
         if key not in arrays:
-            raise KeyError(f"global_model_overrides: {key!r} is not an entry of the global model")
+            raise KeyError(f"{hook}: {key!r} is not an entry of the global model")
         old = arrays[key].numpy()
         if tuple(np.shape(value)) != old.shape:
-            raise ValueError(f"global_model_overrides: {key!r} has shape {np.shape(value)}, the model's {old.shape}")
+            raise ValueError(f"{hook}: {key!r} has shape {np.shape(value)}, the model's {old.shape}")
         arrays[key] = Array(np.ascontiguousarray(value, dtype=old.dtype))
+
+
+def personalised_message(message: Message, overrides: dict[str, np.ndarray]) -> Message:
+    """A copy of a train message whose model has ``overrides`` (``ServerMethod.client_model_overrides``)."""
+    arrays = ArrayRecord({key: array for key, array in message.content["arrays"].items()})
+    override_entries(arrays, overrides, "client_model_overrides")
+    content = RecordDict({name: record for name, record in message.content.items()})
+    content["arrays"] = arrays
+    return Message(content=content, dst_node_id=message.metadata.dst_node_id,
+                   message_type=message.metadata.message_type)
 
 
 class ClientFailures(RuntimeError):
@@ -212,10 +238,17 @@ class FedLTStrategy(Strategy):
         if self.secure is not None:  # deltas against the model in its own dtypes: what every client starts from
             messages = self._secure_prepare(grid, server_round, messages,
                                             ArrayRecord(self.global_model.travelling_state()))
+        self.server_method.begin_round(server_round, cohort)
         payload = self.server_method.broadcast(server_round, self.global_model)
-        for message in messages:
+        for index, message in enumerate(messages):
             if payload:
                 message.content[METHOD_KEY] = payload_to_record(payload)
+            partition_id = self.partition_of_node[message.metadata.dst_node_id]
+            overrides = self.server_method.client_model_overrides(server_round, partition_id)
+            if overrides:  # a personalised start: this client's own message (Flower's share one RecordDict)
+                if self.secure is not None:
+                    raise ValueError("client_model_overrides: not with secure aggregation (one common start)")
+                messages[index] = message = personalised_message(message, overrides)
             self.current.bytes_down += content_nbytes(message.content)
             self.current.parameters_down += content_parameters(message.content)
         return messages
@@ -243,9 +276,15 @@ class FedLTStrategy(Strategy):
             extra = reply.content.pop(METHOD_KEY) if METHOD_KEY in reply.content else None
             partition_id = self.partition_of_node[reply.metadata.src_node_id]
             num_examples = int(reply.content["metrics"]["num-examples"])
-            if "personalised-accuracy" in reply.content["metrics"]:
-                current.personalised[partition_id] = float(reply.content["metrics"]["personalised-accuracy"])
-            reports.append(ClientReport(partition_id, num_examples, record_to_payload(extra)))
+            if PERSONALISED_METRIC in reply.content["metrics"]:
+                value = float(reply.content["metrics"][PERSONALISED_METRIC])
+                if self.secure is None:
+                    current.personalised[partition_id] = value
+                else:  # the synthetic reply: the cohort's mean from the masked sum, not one client's value
+                    current.personalised_mean = value
+            model = (record_to_payload(reply.content["arrays"]) if self.server_method.reads_client_models
+                     and self.secure is None else {})
+            reports.append(ClientReport(partition_id, num_examples, record_to_payload(extra), model))
         losses = [float(r.content["metrics"]["train-loss"]) for r in succeeded]
         current.client_train_seconds = [float(r.content["metrics"].get("train-seconds", float("nan")))
                                         for r in succeeded]
@@ -299,7 +338,8 @@ class FedLTStrategy(Strategy):
         """The key and share rounds on the cohort; the train messages of the nodes that shared keys."""
         assert self.secure is not None and self.current is not None
         try:
-            kept = self.secure.prepare(grid, server_round, messages, arrays, self.server_method.sum_segments())
+            kept = self.secure.prepare(grid, server_round, messages, arrays, self.server_method.sum_segments(),
+                                       self.server_method.client_weighting)
         except SecAggError as err:
             raise ClientFailures(f"round {server_round}: {err} (secure-aggregation=secagg)") from err
         finally:

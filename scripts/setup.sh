@@ -19,6 +19,6 @@ if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "setup: installing PyTorch and the app into .venv (a few minutes the first time)"
   .venv/bin/python -m pip install -q --upgrade pip
   .venv/bin/python -m pip install -q torch==2.14.1 torchvision==0.29.1
-  .venv/bin/python -m pip install -q -e ".[dev,clip]"
+  .venv/bin/python -m pip install -q -e ".[dev,clip,regl]"
   echo "$want" > "$stamp"
 fi

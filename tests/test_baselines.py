@@ -35,6 +35,7 @@ from fedlt_app.methods.loss.ratio_loss import (
     ratio_loss_weights,
 )
 from fedlt_app.models import EncoderClassifier
+from fedlt_app.precision import FP32
 from fedlt_app.records import payload_to_record, record_to_payload
 from fedlt_app.strategy import METHOD_KEY, FedLTStrategy, server_optimizer
 from fedlt_app.train import LocalTraining, proximal_term, train_locally
@@ -790,7 +791,9 @@ def test_config_accepts_exactly_the_registered_methods() -> None:
 @pytest.mark.parametrize("name", sorted(set(METHODS) - set(CLIP_METHODS)))
 def test_every_method_builds_and_runs_two_rounds_of_its_parts(name: str) -> None:
     overrides = {"method": name, "creff-features-per-class": 4, "creff-match-steps": 2, "creff-retrain-epochs": 2,
-                 "ratio-aux-per-class": 2, "balance-threshold": 1, "grad-clip": 1.0}
+                 "ratio-aux-per-class": 2, "balance-threshold": 1, "grad-clip": 1.0, "rucr-crt-epochs": 2,
+                 "fedic-server-data": "heldout", "fedic-steps": 2, "fedic-teach-per-class": 1,
+                 "fedic-labeled-batch-size": 2, "fedic-unlabeled-batch-size": 2}
     if name == "fedprox":
         overrides["prox-mu"] = 0.01
     cfg = resolve(overrides)
@@ -799,12 +802,15 @@ def test_every_method_builds_and_runs_two_rounds_of_its_parts(name: str) -> None
     torch.manual_seed(0)
     model = method.extend_model(EncoderClassifier(nn.Sequential(nn.Flatten(), nn.Linear(D, 6), nn.ReLU()), 6, C))
     images, labels = images_labels([6, 4, 2])
-    data = federated(images, labels, [np.arange(0, 6), np.arange(6, 12)])
+    held_images, held_labels = images_labels([2, 2, 2], seed=9)  # on no client: FedIC's server data
+    images, labels = torch.cat([images, held_images]), torch.cat([labels, held_labels])
+    data = federated(images, labels, [np.arange(0, 6), np.arange(6, 12)], train_indices=np.arange(12))
     server = method.server(cfg, model, data)
     assert isinstance(server, ServerMethod)
     global_state = copy.deepcopy(model.state_dict())
     for server_round in (1, 2):
         model.load_state_dict(global_state)
+        server.begin_round(server_round, list(range(data.num_clients)))
         payload = server.broadcast(server_round, model)
         payload = record_to_payload(payload_to_record(payload)) if payload else {}  # the wire format
         reports, states = [], []
@@ -815,16 +821,28 @@ def test_every_method_builds_and_runs_two_rounds_of_its_parts(name: str) -> None
             x, y = data.client_data(k)
             stats = train_locally(local, x, y, client, setup(lr=0.05), torch.Generator().manual_seed(k))
             assert np.isfinite(stats.mean_loss)
+            client.finish(local)
             report = client.report()
             report = record_to_payload(payload_to_record(report)) if report else {}
-            reports.append(ClientReport(k, len(y), report))
+            local_model = ({key: v.detach().numpy().copy() for key, v in local.travelling_state().items()}
+                           if server.reads_client_models else {})
+            reports.append(ClientReport(k, len(y), report, local_model))
             states.append(local.state_dict())
         weights = server.aggregation_weights(server_round, reports)
         assert weights is None or (len(weights) == len(reports) and all(w >= 0 for w in weights))
         server.absorb(server_round, reports)
         global_state = {key: sum(s[key].double() for s in states).div(len(states)).to(states[0][key].dtype)
                         for key in global_state}
+        for key, value in server.global_model_overrides(server_round).items():  # FedNH's prototypes, FedIC's model
+            global_state[key] = torch.from_numpy(np.asarray(value)).to(global_state[key].dtype)
         model.load_state_dict(global_state)
+        if server.wants_statistics(server_round):  # the query on the new global model (CCVR, RUCR)
+            answers = []
+            for k in range(data.num_clients):
+                x, y = data.client_data(k)
+                answer = method.client(cfg, C, {}).statistics(copy.deepcopy(model), x, y, FP32)
+                answers.append(ClientReport(k, 0, record_to_payload(payload_to_record(answer)) if answer else {}))
+            server.absorb_statistics(server_round, model, answers)
         evaluated = server.evaluation_model(model)
         assert isinstance(evaluated, EncoderClassifier)
         with torch.no_grad():

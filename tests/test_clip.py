@@ -35,21 +35,28 @@ EMBED = 64  # text width = joint width of the tiny CLIP
 IMAGE = 32
 
 
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    """(the in-memory tiny CLIP, the OpenAI-format file it was saved to)."""
+def make_tiny_clip(directory: Path, embed: int = EMBED) -> tuple[torch.nn.Module, Path]:
+    """A tiny random CLIP of joint (= text) width ``embed``, saved in OpenAI's format under ``directory``.
+
+    ``embed`` a multiple of 64: OpenAI's loader infers width/64 attention heads."""
     pytest.importorskip("open_clip", reason=SKIP_REASON)
     from open_clip.model import CLIP, CLIPTextCfg, CLIPVisionCfg, convert_weights_to_fp16
 
     torch.manual_seed(0)
-    model = CLIP(embed_dim=EMBED, vision_cfg=CLIPVisionCfg(layers=2, width=64, patch_size=8, image_size=IMAGE),
-                 text_cfg=CLIPTextCfg(width=EMBED, heads=1, layers=2, vocab_size=49408, context_length=77),
+    model = CLIP(embed_dim=embed, vision_cfg=CLIPVisionCfg(layers=2, width=64, patch_size=8, image_size=IMAGE),
+                 text_cfg=CLIPTextCfg(width=embed, heads=embed // 64, layers=2, vocab_size=49408, context_length=77),
                  quick_gelu=True)
     convert_weights_to_fp16(model)  # OpenAI's loader rounds through fp16: round first, reload is then exact
     model.float().eval()
-    path = tmp_path_factory.mktemp("clip") / "tiny-openai.pt"
+    path = directory / "tiny-openai.pt"
     torch.save(model.state_dict(), path)
     return model, path
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
+    """(the in-memory tiny CLIP, the OpenAI-format file it was saved to)."""
+    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def clip_config(method: str, weights: Path, **extra: object) -> object:

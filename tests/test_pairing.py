@@ -14,10 +14,11 @@ from fedlt_app.models import build_model
 from fedlt_app.train import LocalTraining, train_locally
 
 NUM_CLASSES = 10
-EXTRA = {"fedprox": {"prox-mu": 0.01}}
+EXTRA = {"fedprox": {"prox-mu": 0.01}, "fedic": {"fedic-server-data": "heldout"}}
 # their classifiers read a projection of the shared backbone's features: MOON's 256-d (methods/representation/moon.py),
-# FedETF's fixed ETF on a C-d one (methods/fixed_classifier/fedetf.py); FedNH's frozen prototypes and scale (methods/fixed_classifier/fednh.py)
-OWN_CLASSIFIER = {"moon", "fedetf", "fednh"}
+# FedETF's fixed ETF on a C-d one (methods/fixed_classifier/fedetf.py); FedNH's frozen prototypes and scale (methods/fixed_classifier/fednh.py);
+# FedLoGe's heads: its g_aux is the linear classifier (checked in tests/test_fedloge.py), beside SSE-C and a local head
+OWN_CLASSIFIER = {"moon", "fedetf", "fednh", "fedloge"}
 
 
 def payload_for(method: str) -> dict[str, np.ndarray]:
@@ -32,6 +33,11 @@ def payload_for(method: str) -> dict[str, np.ndarray]:
     if method == "creff":
         return {"creff-weight": rng.normal(size=(NUM_CLASSES, 128)).astype(np.float32),
                 "creff-bias": rng.normal(size=NUM_CLASSES).astype(np.float32)}
+    if method == "rucr":  # a rectification round: prototypes in the loss, own features taken in begin
+        return {"rucr-prototypes": rng.normal(size=(NUM_CLASSES, 128)).astype(np.float32),
+                "rucr-class-ratio": np.full(NUM_CLASSES, 1 / NUM_CLASSES),
+                "rucr-norm-means": rng.normal(size=(NUM_CLASSES, 128)).astype(np.float32),
+                "rucr-norm-holders": np.ones(NUM_CLASSES, dtype=bool)}
     return {}
 
 

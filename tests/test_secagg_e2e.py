@@ -1,4 +1,5 @@
-"""secure-aggregation=secagg through Flower's real simulation engine: one client failing in training, and RedGrape."""
+"""secure-aggregation=secagg through Flower's real simulation engine: one client failing in training, RedGrape,
+GRAPE-LA, CReFF and FedNH (unweighted mean, per-class sums, the masked personalised accuracy)."""
 
 from __future__ import annotations
 
@@ -39,3 +40,34 @@ def test_secagg_redgrape_run_sums_prototypes(tmp_path: Path, monkeypatch: pytest
     assert rows[-1]["classes_with_prototype"] == 10
     assert rows[1]["parameters_down"] > rows[0]["parameters_down"]  # the global prototypes go down in round 2
     assert all(r["parameters_up"] > 0 for r in rows)  # the masked values that went up, not 0
+
+
+def test_secagg_grape_la_run_sums_prototypes_and_class_counts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """GRAPE-LA: RedGrape's masked prototype sums plus the cohort's summed class counts (its global prior)."""
+    rows = secure_rows(tmp_path, monkeypatch, "method='grape-la'", num_clients=3)
+    assert all(r["failed_clients"] == [] for r in rows)
+    assert rows[-1]["classes_with_prototype"] == 10
+    assert rows[1]["parameters_down"] > rows[0]["parameters_down"]  # the store and the prior go down in round 2
+    assert all(r["accuracy"] > 0 for r in rows)
+
+
+def test_secagg_creff_run_matches_the_summed_real_gradients(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """CReFF: the per-class real gradients travel as masked sums and holder counts; the server's features match
+    their means every round."""
+    rows = secure_rows(tmp_path, monkeypatch,
+                       "method='creff' creff-features-per-class=10 creff-match-steps=10 creff-retrain-epochs=5",
+                       num_clients=3)
+    assert all(r["failed_clients"] == [] for r in rows)
+    assert all(math.isfinite(r["creff_match_loss"]) for r in rows)
+    assert all(r["accuracy"] > 0 for r in rows)
+
+
+def test_secagg_fednh_run_reveals_only_the_mean_personalised_accuracy(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedNH: weight 1 per client, the per-class semantics summed, the personalised accuracy as a masked sum
+    (its cohort mean; no per-client values)."""
+    rows = secure_rows(tmp_path, monkeypatch, "method='fednh'", num_clients=3)
+    assert all(r["failed_clients"] == [] for r in rows)
+    assert all(r["fednh_updated_classes"] == 10 for r in rows)
+    assert all(0 <= r["personalised_accuracy"] <= 1 for r in rows)
+    assert all("personalised_accuracy_per_client" not in r for r in rows)

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedlt_app.clip.backbone import CLIPImageEncoder, embed_dim, require_open_clip
-from fedlt_app.clip.classnames import prompts
+from fedlt_app.clip.classnames import PROMPT_TEMPLATE, prompts
 from fedlt_app.models import EncoderClassifier
 
 CONTEXT_INIT_STD = 0.02  # CoOp's random context initialisation, N(0, 0.02²)
@@ -47,15 +47,43 @@ def encode_token_embeddings(clip: nn.Module, embeddings: Tensor, tokens: Tensor)
 class ZeroShotHead(nn.Module):
     """Fixed class embeddings from hand-written prompts; nothing to train."""
 
-    def __init__(self, clip: nn.Module, names: tuple[str, ...]) -> None:
+    def __init__(self, clip: nn.Module, names: tuple[str, ...], template: str = PROMPT_TEMPLATE) -> None:
         super().__init__()
         with torch.no_grad():
-            text = F.normalize(clip.encode_text(tokenize(clip, prompts(names))), dim=-1)
+            text = F.normalize(clip.encode_text(tokenize(clip, prompts(names, template))), dim=-1)
         self.register_buffer("text_features", text, persistent=False)
         self.register_buffer("scale", clip.logit_scale.detach().exp(), persistent=False)
 
     def forward(self, h: Tensor) -> Tensor:
         return self.scale * h @ self.text_features.to(h.dtype).t()
+
+
+class PromptTemplate(nn.Module):
+    """CoOp's splice: [SOS] v_1 … v_M [tokens of "name ."] [EOS] for every class, v given per call.
+
+    Holds the frozen pieces (token ids, the [SOS] row, the rows after the M placeholders); :meth:`encode`
+    puts learned rows (C, M, width) in positions 1..M and runs the frozen text tower.
+    """
+
+    def __init__(self, clip: nn.Module, names: tuple[str, ...], n_ctx: int) -> None:
+        super().__init__()
+        self.clip = clip
+        self.n_ctx = n_ctx
+        placeholder = " ".join(["X"] * n_ctx)
+        tokens = tokenize(clip, [f"{placeholder} {name}." for name in names])
+        with torch.no_grad():
+            embedded = clip.token_embedding(tokens)
+        self.register_buffer("tokens", tokens, persistent=False)
+        self.register_buffer("prefix", embedded[:, :1], persistent=False)  # [SOS]
+        self.register_buffer("suffix", embedded[:, 1 + n_ctx :], persistent=False)  # name . [EOS] padding
+
+    def embeddings(self, context: Tensor) -> Tensor:
+        """The token embeddings (C, context_length, width) with ``context`` (C, M, width) spliced in."""
+        return torch.cat([self.prefix, context.to(self.prefix.dtype), self.suffix], dim=1)
+
+    def encode(self, context: Tensor) -> Tensor:
+        """t_c for every class, L2-normalised (C, embed_dim)."""
+        return F.normalize(encode_token_embeddings(self.clip, self.embeddings(context), self.tokens), dim=-1)
 
 
 class ContextPromptHead(nn.Module):
@@ -64,21 +92,13 @@ class ContextPromptHead(nn.Module):
     def __init__(self, clip: nn.Module, names: tuple[str, ...], n_ctx: int) -> None:
         super().__init__()
         self.clip = clip
+        self.template = PromptTemplate(clip, names, n_ctx)
         width = clip.token_embedding.weight.shape[1]
-        placeholder = " ".join(["X"] * n_ctx)
-        tokens = tokenize(clip, [f"{placeholder} {name}." for name in names])
-        with torch.no_grad():
-            embedded = clip.token_embedding(tokens)
-        self.register_buffer("tokens", tokens, persistent=False)
-        self.register_buffer("prefix", embedded[:, :1], persistent=False)  # [SOS]
-        self.register_buffer("suffix", embedded[:, 1 + n_ctx :], persistent=False)  # name . [EOS] padding
         self.context = nn.Parameter(torch.randn(n_ctx, width) * CONTEXT_INIT_STD)
 
     def class_embeddings(self) -> Tensor:
         """t_c for every class, L2-normalised (C, embed_dim)."""
-        context = self.context.unsqueeze(0).expand(self.prefix.shape[0], -1, -1)
-        embeddings = torch.cat([self.prefix, context.to(self.prefix.dtype), self.suffix], dim=1)
-        return F.normalize(encode_token_embeddings(self.clip, embeddings, self.tokens), dim=-1)
+        return self.template.encode(self.context.unsqueeze(0).expand(self.template.prefix.shape[0], -1, -1))
 
     def forward(self, h: Tensor) -> Tensor:
         return self.clip.logit_scale.exp() * h @ self.class_embeddings().to(h.dtype).t()

@@ -13,12 +13,17 @@ from fedlt_app.methods.decoupled.creff import CReFFClient, CReFFServer
 from fedlt_app.methods.fixed_classifier.fedetf import FedETFClient, FedETFServer, add_etf_classifier
 from fedlt_app.methods.loss.fedgrab import FedGraBClient, FedGraBServer
 from fedlt_app.methods.loss.fedlc import FedLCClient
+from fedlt_app.methods.fixed_classifier.fedloge import FedLoGeClient, FedLoGeServer, add_fedloge_heads
 from fedlt_app.methods.fixed_classifier.fednh import FedNHClient, FedNHServer, add_prototype_classifier
 from fedlt_app.methods.loss.focal import FocalClient
 from fedlt_app.methods.decoupled.grape_la import GrapeLAClient, GrapeLAServer
 from fedlt_app.methods.representation.moon import MoonClient, MoonServer, add_projection_head
 from fedlt_app.methods.loss.ratio_loss import RatioLossClient, RatioLossServer
+from fedlt_app.methods.decoupled.rucr import RUCRClient, RUCRServer
+from fedlt_app.methods.distillation.fedic import FedICServer
 from fedlt_app.methods.decoupled.redgrape import RedGrapeClient, RedGrapeServer, add_supplementary_classifier
+from fedlt_app.methods.vision_language.capt import CAPTClient, CAPTServer, capt_model
+from fedlt_app.methods.vision_language.clip2fl import CLIP2FLClient, CLIP2FLServer
 from fedlt_app.methods.vision_language.clip_prompts import ZeroShotServer, promptfl_model, zero_shot_model
 from fedlt_app.models import EncoderClassifier
 
@@ -47,11 +52,17 @@ METHODS: dict[str, Method] = {
     "climb": Method(ClimbClient, ClimbServer),
     "creff": Method(CReFFClient, CReFFServer),
     "ccvr": Method(CCVRClient, CCVRServer),  # calibration: a statistics query before each evaluation
+    # prototype term in training; class means by the statistics query; clients' re-trained heads evaluate
+    "rucr": Method(RUCRClient, RUCRServer),
+    # cross-entropy clients; the server reads every client model and distils a calibrated ensemble (server data)
+    "fedic": Method(ClientMethod, FedICServer),
     "moon": Method(MoonClient, MoonServer, add_projection_head),  # keeps each client's previous model on its node
     # fixed simplex-ETF classifier (never sent) + projection; personal fine-tuning for the personalised accuracy
     "fedetf": Method(FedETFClient, FedETFServer, add_etf_classifier),
     # frozen class prototypes on the sphere, moved by the server (global_model_overrides); unweighted averaging
     "fednh": Method(FedNHClient, FedNHServer, add_prototype_classifier),
+    # static sparse ETF trains the backbone; g_aux averaged and realigned (GHA); local heads kept on each node (LA)
+    "fedloge": Method(FedLoGeClient, FedLoGeServer, add_fedloge_heads),
     # PID-balanced sigmoid loss, controllers kept on each client's node; optional DPA tail from the server
     "fedgrab": Method(FedGraBClient, FedGraBServer),
     "redgrape": Method(RedGrapeClient, RedGrapeServer, add_supplementary_classifier),
@@ -60,6 +71,10 @@ METHODS: dict[str, Method] = {
     # on a frozen CLIP (optional extra, clip-weights): zero-shot reference and federated CoOp
     "zero-shot-clip": Method(ClientMethod, ZeroShotServer, build=zero_shot_model),
     "promptfl": Method(ClientMethod, ServerMethod, build=promptfl_model),
+    # general + class-aware prompts; per-node cluster starts (client_model_overrides), per-class aggregation
+    "capt": Method(CAPTClient, CAPTServer, build=capt_model),
+    # the run's network; CReFF + distillation from CLIP's zero-shot logits + CLIP-text-guided feature matching
+    "clip2fl": Method(CLIP2FLClient, CLIP2FLServer),
 }
 
 

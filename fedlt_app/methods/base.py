@@ -13,7 +13,7 @@ never travel and never reach the server.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -88,6 +88,11 @@ class ClientMethod:
     def after_step(self, model: EncoderClassifier) -> None:
         """Called after the optimizer step."""
 
+    def finish(self, model: EncoderClassifier) -> None:
+        """Run once on the trained model after the last local step, before ``state_to_keep``, ``report`` and
+        ``summands``: for work on the trained model whose result travels in ``report`` (RUCR's local classifier
+        re-training). Outside the run's autocast; never change ``model`` (its state is the reply's model)."""
+
     def report(self) -> Payload:
         """Arrays sent back to the server beside the model."""
         return {}
@@ -144,12 +149,15 @@ class ClientReport:
     partition_id: int
     num_examples: int
     payload: Payload
+    # The client's returned model (its travelling state), only for a server whose ``reads_client_models``
+    # (CAPT's per-class and per-cluster rules); empty otherwise and under secure aggregation.
+    model: Payload = field(default_factory=dict)
 
 
 class ServerMethod:
     """Server side of a method that needs nothing beyond weighted averaging.
 
-    Hooks run in this order each round: ``broadcast`` (with the global model
+    Hooks run in this order each round: ``begin_round`` (the cohort), ``broadcast`` (with the global model
     being sent), then, on the replies that succeeded, ``aggregation_weights``
     and ``absorb``; if ``wants_statistics``, every client's ``statistics`` answer on
     the new global model goes to ``absorb_statistics``; ``evaluation_model``
@@ -158,6 +166,14 @@ class ServerMethod:
 
     # False: a method with nothing to train (zero-shot CLIP); rounds send no training messages.
     asks_clients_to_train: bool = True
+    # True: ``absorb`` gets every client's returned model in ``ClientReport.model`` (a server that combines the
+    # clients' models by its own rule, per class or per cluster, rather than the weighted average).
+    reads_client_models: bool = False
+    # How the model average weighs a client: "examples" (its sample count n: FedAvg's weighted mean) or
+    # "uniform" (1 each: FedNH's unweighted mean). A rule the client can apply itself, so it holds under
+    # secure aggregation too (each client weighs its own masked delta; ``aggregation_weights`` needs
+    # per-client reports the server never sees there). The plain default ``aggregation_weights`` applies it.
+    client_weighting: str = "examples"
 
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         self.cfg = cfg
@@ -167,13 +183,18 @@ class ServerMethod:
         # inside one context would be seen stale by every later forward.
         self.precision = precision_for(cfg.precision, next(model.parameters()).device)
 
+    def begin_round(self, server_round: int, cohort: list[int]) -> None:
+        """Called before ``broadcast`` with the partition ids of the round's sampled cohort (RUCR's prototypes
+        are over the round's clients); some of them may fail later."""
+
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         """Arrays sent to every sampled client with the global model."""
         return {}
 
     def aggregation_weights(self, server_round: int, reports: list[ClientReport]) -> list[float] | None:
-        """Replace the sample counts as model-averaging weights (None: keep them)."""
-        return None
+        """Replace the sample counts as model-averaging weights (None: keep them). By default the
+        ``client_weighting`` rule: None for "examples", 1 per client for "uniform"."""
+        return [1.0] * len(reports) if self.client_weighting == "uniform" else None
 
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
         """Take this round's client payloads (only replies that succeeded)."""
@@ -195,6 +216,17 @@ class ServerMethod:
         part of the model that the server, not the clients' average, decides (FedNH's class prototypes: its
         smoothed update of what the clients report). The new global model is what is broadcast, evaluated
         and checkpointed, so the part never needs a payload of its own. Empty: the aggregate as it is.
+        """
+        return {}
+
+    def client_model_overrides(self, server_round: int, partition_id: int) -> Payload:
+        """Entries of the model that this round's client ``partition_id`` starts from, where they differ from the
+        global model being sent: a personalised start (CAPT's cluster-averaged prompts for each member).
+
+        Key: a ``travelling_state`` key; value: its array (same shape as the global entry). Called after
+        ``broadcast``, once per sampled client; only that client's message changes, so its bytes count as
+        usual. Empty: the global model as it is. Not with secure aggregation (the masked deltas assume one
+        common start), which refuses a non-empty answer.
         """
         return {}
 

@@ -9,10 +9,13 @@ count differ, so they are arguments here and the loop lives once.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
+from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import Precision
 
 
@@ -51,3 +54,13 @@ def retrain_linear(
             total, seen = total + loss.detach() * len(batch), seen + len(batch)
         last_epoch_loss = float(total) / max(seen, 1)
     return last_epoch_loss
+
+
+def with_classifier(global_model: EncoderClassifier, classifier: nn.Module | None) -> EncoderClassifier:
+    """What a re-training method evaluates: the global model itself (no classifier re-trained for it), or a
+    copy with the re-trained classifier's weights; the global model that keeps training is never touched."""
+    if classifier is None:
+        return global_model
+    evaluated = copy.deepcopy(global_model)
+    evaluated.classifier.load_state_dict(classifier.state_dict())
+    return evaluated

@@ -13,7 +13,8 @@ least `threshold` clients answer.  Modules, lowest first (none imports a later o
 * ``aead``       — AES-256-GCM for the share messages routed through the server (tampering refused).
 * ``messages``   — the protocol's stage messages and their checks (one node never in both unmask lists).
 * ``client``     — a client's state machine; ``server`` — the server's; ``grid`` — both, in process.
-* ``update``     — the FedAvg-shaped vector (n, clipped count, n * loss, n * model delta) and its decoding.
+* ``update``     — the FedAvg-shaped vector (n, clipped count, n * loss, w * model delta with w = n or 1, the
+  method's sums, masked metrics) and its decoding.
 * ``wire``       — messages and client snapshots <-> Flower ArrayRecords.
 * ``flower_server`` / ``flower_client`` — the query rounds on Flower's Message API (the strategy and the
   ClientApp call these when ``secure-aggregation=secagg``).

@@ -64,10 +64,14 @@ def handle_unmask(msg: Message, context: Context) -> Message:
 
 def masked_train_reply(msg: Message, context: Context, local_arrays: Mapping[str, np.ndarray], num_examples: int,
                        mean_loss: float, rounding_seed: int,
-                       summands: Mapping[str, np.ndarray] | None = None) -> RecordDict:
+                       summands: Mapping[str, np.ndarray] | None = None,
+                       metrics: Mapping[str, float] | None = None) -> RecordDict:
     """The train reply's whole content under secure aggregation: one masked vector, nothing else.
 
     ``summands``: the method's terms (``ClientMethod.summands``) for the sums the train message names.
+    ``metrics``: the train reply's metrics as the plain path would send them; only those the train message
+    names travel, inside the vector (``update.pack_update``), the others are dropped. The deltas carry the
+    weight the message names (n, or 1: ``ServerMethod.client_weighting``).
     """
     if RECORD not in msg.content:
         raise RuntimeError("secure-aggregation=secagg: the train message carries no secure-aggregation record; "
@@ -78,9 +82,9 @@ def masked_train_reply(msg: Message, context: Context, local_arrays: Mapping[str
     # trains in float32): the server takes the same, so the decoded mean never depends on the sent dtype.
     global_arrays = {k: v.numpy().astype(np.asarray(local_arrays[k]).dtype, copy=False)
                      for k, v in msg.content["arrays"].items()}
-    layout = fedavg_layout(global_arrays, wire.segments_from(record))
+    layout = fedavg_layout(global_arrays, wire.segments_from(record), wire.weighting_from(record))
     vector = pack_update(layout, global_arrays, local_arrays, num_examples, mean_loss,
-                         np.random.default_rng([rounding_seed, _ROUNDING_STREAM]), summands)
+                         np.random.default_rng([rounding_seed, _ROUNDING_STREAM]), summands, metrics)
     res = client.masked_input(wire.masked_input_ins_from(record), vector)
     _save(context, client)
     return RecordDict({RECORD: wire.to_record(wire.masked_arrays(res))})

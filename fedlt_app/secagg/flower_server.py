@@ -6,6 +6,8 @@ and a ``secagg_unmask`` query to the survivors yields the sum.  The strategy the
 reply with the weighted-mean arrays and the cohort's total example count, so every server optimizer,
 BatchNorm averaging and checkpointing work as without secure aggregation, and the method's sums
 (``ServerMethod.sum_segments``, e.g. RedGrape's per-class prototype sums and holder counts) beside it.
+The synthetic reply's metrics also hold the cohort means of the masked metrics (``SecureRounds.metrics``:
+the personalised accuracy), never a client's own value.
 """
 
 from __future__ import annotations
@@ -27,7 +29,14 @@ from fedlt_app.secagg.errors import BelowThreshold
 from fedlt_app.secagg.layout import Layout
 from fedlt_app.secagg.messages import default_threshold
 from fedlt_app.secagg.server import SecAggServer
-from fedlt_app.secagg.update import fedavg_layout, method_segments, unpack_average, unpack_method_sums
+from fedlt_app.secagg.update import (
+    fedavg_layout,
+    method_segments,
+    metric_segments,
+    unpack_average,
+    unpack_method_sums,
+    unpack_metric_means,
+)
 
 if TYPE_CHECKING:
     from fedlt_app.methods.base import SumSpec
@@ -54,22 +63,28 @@ def masked_values(replies: list[Message]) -> int:
 class SecureRounds:
     """Secure aggregation for every round of a run; counts the protocol's bytes each way."""
 
-    def __init__(self, min_cohort: int, timeout: float) -> None:
+    def __init__(self, min_cohort: int, timeout: float, metrics: tuple[str, ...] = ()) -> None:
+        """``metrics``: train-reply metrics that travel inside the masked sum (the server learns their cohort
+        mean: ``personalised-accuracy`` of a method with personalised models); every other per-client metric
+        is dropped."""
         self.min_cohort = min_cohort
         self.timeout = timeout
+        self.metrics = tuple(metrics)
         self.bytes_down = 0
         self.bytes_up = 0
         self.clipped = 0
         self._round: _Round | None = None
 
     def prepare(self, grid: Grid, server_round: int, train_messages: list[Message],
-                global_arrays: ArrayRecord, method_sums: Mapping[str, SumSpec] | None = None) -> list[Message]:
+                global_arrays: ArrayRecord, method_sums: Mapping[str, SumSpec] | None = None,
+                weighting: str = "examples") -> list[Message]:
         """Runs the key and share rounds; returns the train messages of U2 with their ciphertexts added.
 
         ``global_arrays``: the model the clients start from, in the dtypes they train it in (the deltas'
         reference, and the dtypes of the decoded mean).
         ``method_sums``: what the method's server needs summed besides the model (its ``sum_segments``);
         each train message names these segments, and the clients append them to their vectors.
+        ``weighting``: the method's ``client_weighting`` (n or 1 per client), named in the train messages.
         """
         self.bytes_down = self.bytes_up = 0
         nodes = [m.metadata.dst_node_id for m in train_messages]
@@ -78,8 +93,8 @@ class SecureRounds:
             raise BelowThreshold(f"round {server_round}: the cohort has {len(nodes)} clients, fewer than "
                                  f"secagg-min-cohort={self.min_cohort}")
         arrays = {k: v.numpy() for k, v in global_arrays.items()}
-        extra = method_segments(method_sums or {})
-        layout = fedavg_layout(arrays, extra)
+        extra = method_segments(method_sums or {}) + metric_segments(self.metrics)
+        layout = fedavg_layout(arrays, extra, weighting)
         context = b"fedlt-secagg|round=%d|" % server_round + os.urandom(16)
         server = SecAggServer(nodes, threshold, context, layout.length)
         self._round = _Round(server_round, server, layout, arrays, grid)
@@ -91,13 +106,13 @@ class SecureRounds:
         for m in kept:  # Flower's FedAvg gives every message one shared RecordDict: each needs its own
             content = RecordDict(dict(m.content.items()))
             content[RECORD] = wire.to_record({**wire.ciphertexts_arrays(routed[m.metadata.dst_node_id].ciphertexts),
-                                              **wire.segments_arrays(extra)})
+                                              **wire.segments_arrays(extra), **wire.weighting_arrays(weighting)})
             m.content = content
         return kept
 
     def aggregate(self, replies: list[Message]) -> tuple[Message, dict[str, np.ndarray]]:
-        """The masked replies -> (one reply holding the weighted-mean arrays, n and the mean loss;
-        the method's sums by name, float64 real / int64 exact)."""
+        """The masked replies -> (one reply holding the weighted-mean arrays, n, the mean loss and the masked
+        metrics' cohort means; the method's sums by name, float64 real / int64 exact)."""
         assert self._round is not None, "prepare() runs first"
         r = self._round
         masked = {m.metadata.src_node_id: wire.masked_from(wire.from_record(m.content[RECORD])) for m in replies}
@@ -111,7 +126,8 @@ class SecureRounds:
         synthetic = replies[0]
         synthetic.content = RecordDict({
             "arrays": ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()}),
-            "metrics": MetricRecord({"num-examples": n, "train-loss": loss})})
+            "metrics": MetricRecord({"num-examples": n, "train-loss": loss,
+                                     **unpack_metric_means(r.layout, total)})})
         self._round = None
         return synthetic, unpack_method_sums(r.layout, total)
 

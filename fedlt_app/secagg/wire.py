@@ -122,6 +122,16 @@ def segments_from(a: Arrays) -> tuple[Segment, ...]:
                  for name, shape, kind in json.loads(a["segments"].tobytes().decode()))
 
 
+def weighting_arrays(weighting: str) -> Arrays:
+    """How the clients weigh their deltas (``update.WEIGHTINGS``); nothing for the default, by sample count."""
+    return {} if weighting == "examples" else {"weighting": _blob(weighting.encode())}
+
+
+def weighting_from(a: Arrays) -> str:
+    """Inverse of ``weighting_arrays``."""
+    return a["weighting"].tobytes().decode() if "weighting" in a else "examples"
+
+
 def masked_arrays(m: MaskedInputRes) -> Arrays:
     return {"masked": m.vector.view(np.int64)}  # Flower's Array round-trips int64 exactly
 

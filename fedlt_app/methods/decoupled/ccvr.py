@@ -47,7 +47,7 @@ from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
 from fedlt_app.data.transforms import to_float
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
-from fedlt_app.methods.retrain import retrain_linear
+from fedlt_app.methods.retrain import retrain_linear, with_classifier
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import Precision
 
@@ -168,11 +168,7 @@ class CCVRServer(ServerMethod):
         return classifier
 
     def evaluation_model(self, global_model: EncoderClassifier) -> EncoderClassifier:
-        if self.classifier is None:
-            return global_model
-        evaluated = copy.deepcopy(global_model)
-        evaluated.classifier.load_state_dict(self.classifier.state_dict())
-        return evaluated
+        return with_classifier(global_model, self.classifier)
 
     def round_metrics(self) -> dict[str, float | int]:
         return {"ccvr_retrain_loss": self.last_retrain_loss if self.classifier is not None else float("nan")}

@@ -43,7 +43,7 @@ from fedlt_app.data import FederatedData, augment
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
 from fedlt_app.methods.class_sums import class_means, class_sum_segments, class_summands
 from fedlt_app.methods.decoupled.redgrape import gradient_prototypes
-from fedlt_app.methods.retrain import retrain_linear
+from fedlt_app.methods.retrain import retrain_linear, with_classifier
 from fedlt_app.models import EncoderClassifier
 
 EPS = 1e-6
@@ -182,11 +182,7 @@ class CReFFServer(ServerMethod):
         return classifier
 
     def evaluation_model(self, global_model: EncoderClassifier) -> EncoderClassifier:
-        if not self.trained:
-            return global_model
-        evaluated = copy.deepcopy(global_model)
-        evaluated.classifier.load_state_dict(self.classifier.state_dict())
-        return evaluated
+        return with_classifier(global_model, self.classifier if self.trained else None)
 
     def round_metrics(self) -> dict[str, float | int]:
         return {"creff_match_loss": self.last_match_loss}

@@ -1,4 +1,5 @@
-"""Fixed-classifier methods: the class vectors are fixed (FedETF's simplex ETF) or moved only by the server (FedNH).
+"""Fixed-classifier methods: the class vectors are fixed (FedETF's simplex ETF, FedLoGe's sparse ETF) or moved only
+by the server (FedNH).
 
-Both keep a personal part on each client and report the personalised accuracy.
+All three keep a personal part on each client and report the personalised accuracy.
 """

@@ -30,6 +30,9 @@ Source: the authors' code, github.com/ZexiLee/ICCV-2023-FedETF
 Defaults: β₀ = 1.0 (the ResNets' ``scaling_train``), 20 alternations of 3 + 3
 epochs at lr 0.1 / 0.05. README "Methods" lists where fedlt departs from the
 official code and from FedLTLib's port.
+
+Secure aggregation (``secure-aggregation=secagg``): the server needs only the weighted model sum; each
+client's personalised accuracy travels inside the masked vector, so the server learns the cohort's mean.
 """
 
 from __future__ import annotations

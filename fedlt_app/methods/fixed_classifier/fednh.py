@@ -36,7 +36,7 @@ Source: the authors' code, github.com/Yutong-Dai/FedNH
   not implemented).
 * ρ = ``FedNH_smoothing`` = 0.9.
 * Model averaging: ``server_lr / num_participants · Σ (θ_k − θ)``, i.e. an
-  *unweighted* mean over the round's clients (``aggregation_weights``: equal).
+  *unweighted* mean over the round's clients (``client_weighting = "uniform"``).
 * Personalised accuracy: each client's locally trained model (prototypes as
   received), tested on the test set weighted by its label distribution
   (``labeldist``): ``ClientMethod.personalised_model`` returns that model.
@@ -52,6 +52,10 @@ unnormalised until the first server update; fedlt normalises the rows at
 initialisation (a no-op for C ≤ d). Not copied because fedlt's loop is shared
 by every method: weight decay 1e-5, clipping at norm 10 (fedlt: ``grad-clip``),
 the learning-rate schedule.
+
+Secure aggregation (``secure-aggregation=secagg``): the server needs only sums, the clients' deltas with
+weight 1 each and, per class, Σ_k n_{k,c} μ̂_{k,c} and Σ_k n_{k,c} (``sum_segments``; the plain path sums
+the same terms), so it learns the cohort's per-class sample counts but no client's semantics or counts.
 """
 
 from __future__ import annotations
@@ -64,7 +68,8 @@ from torch import Tensor, nn
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
-from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
+from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
+from fedlt_app.methods.class_sums import summed
 from fedlt_app.methods.decoupled.ccvr import encoder_features
 from fedlt_app.models import Bottleneck, EncoderClassifier
 from fedlt_app.precision import precision_for
@@ -137,22 +142,38 @@ class FedNHClient(ClientMethod):
     def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> None:
         # The loop trains this very object in place: ``report`` reads the trained model from it.
         self._model, self._images, self._labels = model, images, labels
+        self._report: Payload | None = None
 
     def report(self) -> Payload:
-        """n_{k,c} · μ̂_{k,c} and n_{k,c} of the trained model (eval mode, un-augmented local data)."""
-        device = next(self._model.parameters()).device
-        features = encoder_features(self._model, self._images, self.cfg.dataset,
-                                    precision_for(self.cfg.precision, device))
-        scaled, counts = class_semantics(features, self._labels, self.num_classes)
-        return {SCALED_MEANS: scaled.astype(np.float32), COUNTS: counts.astype(np.int64)}
+        """n_{k,c} · μ̂_{k,c} and n_{k,c} of the trained model (eval mode, un-augmented local data); computed
+        once, after training (``summands`` reads it too)."""
+        if self._report is None:
+            device = next(self._model.parameters()).device
+            features = encoder_features(self._model, self._images, self.cfg.dataset,
+                                        precision_for(self.cfg.precision, device))
+            scaled, counts = class_semantics(features, self._labels, self.num_classes)
+            self._report = {SCALED_MEANS: scaled.astype(np.float32), COUNTS: counts.astype(np.int64)}
+        return self._report
+
+    def summands(self) -> Payload:
+        """Secure aggregation: the report is already two per-class sums' terms (zero rows for absent classes)."""
+        return semantics_summands(self.report())
 
     def personalised_model(self, model: EncoderClassifier) -> EncoderClassifier:
         """FedNH's personalised model is the client's locally trained one (the code's ``pfl`` accuracy)."""
         return model
 
 
+def semantics_summands(report: Payload) -> Payload:
+    """A client's terms of the per-class sums (its report as sent: float32 semantics, int64 counts)."""
+    return {SCALED_MEANS: np.asarray(report[SCALED_MEANS], dtype=np.float64),
+            COUNTS: np.asarray(report[COUNTS], dtype=np.int64)}
+
+
 class FedNHServer(ServerMethod):
     """Unweighted model averaging; the prototypes move by the smoothed average of the clients' semantics."""
+
+    client_weighting = "uniform"  # the code averages the clients' models unweighted (server_lr / num_participants)
 
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         super().__init__(cfg, model, data)
@@ -162,16 +183,20 @@ class FedNHServer(ServerMethod):
         self.prototypes = model.classifier.prototype.detach().cpu().double().numpy().copy()
         self.updated_classes = 0
 
-    def aggregation_weights(self, server_round: int, reports: list[ClientReport]) -> list[float]:
-        """The code averages the clients' models unweighted (server_lr / num_participants)."""
-        return [1.0] * len(reports)
+    def sum_segments(self) -> dict[str, SumSpec]:
+        """Per class: the cohort's summed n_{k,c} μ̂_{k,c} and its summed counts n_{k,c} (exact)."""
+        return {SCALED_MEANS: SumSpec(self.prototypes.shape), COUNTS: SumSpec((self.num_classes,), exact=True)}
 
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
-        counts = [r.payload[COUNTS].astype(np.float64) for r in reports]
-        means = [r.payload[SCALED_MEANS].astype(np.float64) for r in reports]
-        updated = smoothed_prototypes(self.prototypes, means, counts, self.cfg.fednh_smoothing)
+        """The smoothed update on plain reports: the very sums secure aggregation would reveal."""
+        self.absorb_sums(server_round, summed(self.sum_segments(), (semantics_summands(r.payload) for r in reports)))
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
+        counts = np.asarray(sums[COUNTS], dtype=np.float64)
+        updated = smoothed_prototypes(self.prototypes, [np.asarray(sums[SCALED_MEANS], dtype=np.float64)], [counts],
+                                      self.cfg.fednh_smoothing)
         self.prototypes = updated.astype(np.float32).astype(np.float64)  # exactly what the float32 model holds
-        self.updated_classes = int((np.sum(counts, axis=0) > 0).sum())
+        self.updated_classes = int((counts > 0).sum())
 
     def global_model_overrides(self, server_round: int) -> Payload:
         return {PROTOTYPE_KEY: self.prototypes}

@@ -72,6 +72,10 @@ Disagreements and flaws, and what this module does:
 * Not copied because fedlt's loop is shared by every method, or its keys are:
   the official recipe's lr 0.03, momentum 0.5, batch 10 (README: 5), 5 local
   epochs, every client every round, no clipping.
+
+Secure aggregation (``secure-aggregation=secagg``): the server needs the weighted model sum and, for its
+round metrics, the sum of the clients' last-step (w⁺, w⁻) and how many clients sent one (``sum_segments``;
+the plain path sums the same terms); the DPA reads only the global model.
 """
 
 from __future__ import annotations
@@ -85,10 +89,13 @@ from torch.nn import functional as F
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
-from fedlt_app.methods.base import ClientMethod, ClientReport, ClientState, Payload, ServerMethod
+from fedlt_app.methods.base import ClientMethod, ClientReport, ClientState, Payload, ServerMethod, SumSpec
+from fedlt_app.methods.class_sums import summed
 from fedlt_app.models import EncoderClassifier
 
 BALANCED = "fedgrab-balanced"  # broadcast: 1 for a class whose controller runs (dpa-tail from round 2)
+WEIGHTS = "fedgrab-weights"  # report: a client's mean (w⁺, w⁻) over its balanced classes at its last step
+REPORTERS = "fedgrab-reporters"  # 1 per client that sent WEIGHTS: the sum's divisor (a sum under secagg)
 STATE_KEYS = ("fedgrab-pos-grad", "fedgrab-neg-grad", "fedgrab-pid-out", "fedgrab-pid-errors")
 SHOT_THRESHOLDS = (75.0, 95.0)  # shot_split's cumulative percentages: head / middle / tail
 EXEMPT_BASE = 0.1  # the k-th exempted class: probability EXEMPT_BASE ** (k / (T - 1))
@@ -210,13 +217,21 @@ class FedGraBClient(ClientMethod):
         """Mean w⁺ and w⁻ over the balanced classes at the last step (for the round's metrics)."""
         pos_w, neg_w = self.last_weights
         active = self.balanced if bool(self.balanced.any()) else torch.ones_like(self.balanced)
-        return {"fedgrab-weights": np.array([float(pos_w[active].mean()), float(neg_w[active].mean())],
-                                            dtype=np.float64)}
+        return {WEIGHTS: np.array([float(pos_w[active].mean()), float(neg_w[active].mean())], dtype=np.float64)}
+
+    def summands(self) -> Payload:
+        """Secure aggregation: the server's mean of the weights needs only their sum and the reporters' number."""
+        return weight_summands(self.report())
 
     def state_to_keep(self, model: EncoderClassifier) -> ClientState:
         """The controllers and the accumulated gradients: the code keeps one PIDLOSS per client for the run."""
         values = (self.pos_grad, self.neg_grad, self.pid_out, self.pid_errors)
         return {key: value.numpy().copy() for key, value in zip(STATE_KEYS, values, strict=True)}
+
+
+def weight_summands(report: Payload) -> Payload:
+    """A client's terms of the server's two sums: its (w⁺, w⁻) and a 1."""
+    return {WEIGHTS: np.asarray(report[WEIGHTS], dtype=np.float64), REPORTERS: np.ones(1, dtype=np.int64)}
 
 
 class FedGraBServer(ServerMethod):
@@ -241,9 +256,20 @@ class FedGraBServer(ServerMethod):
         self.balanced_classes = len(self.dpa_tail)
         return {BALANCED: balanced}
 
+    def sum_segments(self) -> dict[str, SumSpec]:
+        """The clients' summed (w⁺, w⁻) and their number (exact)."""
+        return {WEIGHTS: SumSpec((2,)), REPORTERS: SumSpec((1,), exact=True)}
+
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
-        weights = np.array([r.payload["fedgrab-weights"] for r in reports if "fedgrab-weights" in r.payload])
-        self.weights = tuple(float(v) for v in weights.mean(axis=0)) if len(weights) else (1.0, 1.0)
+        """The weights' mean on plain reports: the very sums secure aggregation would reveal."""
+        self.absorb_sums(server_round, summed(self.sum_segments(),
+                                              (weight_summands(r.payload) for r in reports if WEIGHTS in r.payload)))
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
+        """The clients' mean (w⁺, w⁻) at their last step; (1, 1) when none reported."""
+        reporters = int(sums[REPORTERS][0])
+        mean = np.asarray(sums[WEIGHTS], dtype=np.float64) / max(reporters, 1)
+        self.weights = (float(mean[0]), float(mean[1])) if reporters else (1.0, 1.0)
 
     def round_metrics(self) -> dict[str, float | int]:
         """Classes balanced this round, the DPA's tail size, and the clients' mean w⁺ and w⁻ at their last step."""
