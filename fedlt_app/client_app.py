@@ -22,7 +22,7 @@ from fedlt_app.records import load_client_state, payload_to_record, record_to_pa
 from fedlt_app.secagg import flower_client as secure
 from fedlt_app.secagg.flower_server import QUERY_KEYS, QUERY_SHARES, QUERY_UNMASK
 from fedlt_app.strategy import METHOD_KEY, STATISTICS_QUERY
-from fedlt_app.task import client_dataset, client_seed, method_model, node_partition, resolve_device
+from fedlt_app.task import client_dataset, client_seed, method_model, node_partition, resolve_device, statistics_seed
 from fedlt_app.train import LocalTraining, train_locally
 
 app = ClientApp()
@@ -143,7 +143,10 @@ def method_statistics(msg: Message, context: Context) -> Message:
     model = _model(cfg, data, device)
     model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
     method = get_method(cfg.method).client(cfg, data.num_classes, {})
-    payload = method.statistics(model, images, labels, precision_for(cfg.precision, device))
+    server_round = int(msg.content["config"]["server-round"])
+    seed = statistics_seed(cfg.seed, server_round, node_partition(context.node_config)[0])
+    payload = method.statistics(model, images, labels, precision_for(cfg.precision, device),
+                                torch.Generator().manual_seed(seed))
     return Message(RecordDict({METHOD_KEY: payload_to_record(payload)}), reply_to=msg)
 
 

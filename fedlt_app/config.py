@@ -19,7 +19,7 @@ from fedlt_app.generative.shortfall import TARGETS as REGL_TARGETS
 
 METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "climb", "creff", "ccvr", "rucr", "fedic",
                 "moon", "redgrape", "grape-la", "zero-shot-clip", "promptfl", "capt", "clip2fl", "fedetf", "fednh", "fedgrab",
-                "fedloge")
+                "fedloge", "fedyoyo")
 # Methods whose server needs only sums over a round's clients: the weighted model sum (fednh: unweighted,
 # ServerMethod.client_weighting), and for redgrape / grape-la / creff / fednh per-class sums and counts,
 # fedgrab its clients' summed PID weights (ServerMethod.sum_segments); fedetf / fednh's personalised
@@ -155,6 +155,18 @@ SCHEMA: tuple[Option, ...] = (
            "Fed-GraB: classes whose gradients the balancer re-weights: all (the official code, which has no DPA) "
            "or dpa-tail (the paper's Direct Prior Analyzer: the tail of the prior estimated from the global "
            "classifier's weight norms, from round 2)", one_of("all", "dpa-tail")),
+    Option("fedyoyo-lambda", float, 4.0,
+           "FedYoYo: weight lambda of the self-distillation (KL weak -> strong view) after its warm-up "
+           "(authors' fedyoyo.sh 4.0; 0 = logit adjustment alone)", at_least(0.0)),
+    Option("fedyoyo-temperature", float, 1.5, "FedYoYo: distillation temperature T (authors' default 1.5)",
+           at_least(0.0, strict=True)),
+    Option("fedyoyo-tau", float, 1.5, "FedYoYo: exponent tau of the logit adjustment log(prior^tau) "
+           "(authors' default 1.5; 0 = no adjustment)", at_least(0.0)),
+    Option("fedyoyo-gamma", float, 0.1,
+           "FedYoYo: per-step pull gamma of the prior toward the client's own label distribution "
+           "(authors' fedyoyo.sh 0.1)", in_unit_interval),
+    Option("fedyoyo-warmup", int, 50, "FedYoYo: rounds over which the distillation weight grows linearly to "
+           "lambda (authors' fedyoyo.sh 50; 0 = full weight from round 1)", at_least(0)),
     Option("ratio-aux-per-class", int, 32, "Ratio Loss: server auxiliary samples per class", at_least(1)),
     Option("climb-epsilon", float, 0.01, "CLIMB's constraint slack epsilon", at_least(0.0)),
     Option("climb-dual-lr", float, 2.0, "CLIMB's dual step size eta_D", at_least(0.0, strict=True)),
@@ -436,6 +448,11 @@ class RunConfig:
     fedgrab_ki: float
     fedgrab_kd: float
     fedgrab_balance_classes: str
+    fedyoyo_lambda: float
+    fedyoyo_temperature: float
+    fedyoyo_tau: float
+    fedyoyo_gamma: float
+    fedyoyo_warmup: int
     ratio_aux_per_class: int
     climb_epsilon: float
     climb_dual_lr: float

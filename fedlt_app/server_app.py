@@ -91,6 +91,7 @@ def main(grid: Grid, context: Context) -> None:
         max_failure_fraction=cfg.max_failure_fraction,
         secure=(SecureRounds(cfg.secagg_min_cohort, cfg.round_timeout, masked_metrics(method.client))
                 if cfg.secure_aggregation == "secagg" else None),
+        query_timeout=cfg.round_timeout,
     )
     done = 0
     initial_arrays = ArrayRecord(model.travelling_state())

@@ -204,6 +204,7 @@ class FedLTStrategy(Strategy):
         max_failure_fraction: float = 0.5,
         first_round: int = 1,
         secure: SecureRounds | None = None,
+        query_timeout: float = 3600.0,
     ) -> None:
         self.inner = inner
         self.server_method = server_method
@@ -215,6 +216,7 @@ class FedLTStrategy(Strategy):
         self.max_failure_fraction = max_failure_fraction
         self.secure = secure  # secure-aggregation=secagg: the protocol's query rounds around each train round
         self.round_offset = first_round - 1
+        self.query_timeout = query_timeout  # a statistics query before training (the run's round-timeout)
         self.current: RoundLog | None = None
 
     def summary(self) -> None:
@@ -239,6 +241,9 @@ class FedLTStrategy(Strategy):
             messages = self._secure_prepare(grid, server_round, messages,
                                             ArrayRecord(self.global_model.travelling_state()))
         self.server_method.begin_round(server_round, cohort)
+        if self.server_method.wants_statistics_before_training(server_round):  # FedYoYo's first phase
+            reports = self.collect_statistics(grid, arrays, self.query_timeout, partitions=cohort)
+            self.server_method.absorb_statistics(server_round, self.global_model, reports)
         payload = self.server_method.broadcast(server_round, self.global_model)
         for index, message in enumerate(messages):
             if payload:
@@ -303,18 +308,21 @@ class FedLTStrategy(Strategy):
             override_entries(arrays, self.server_method.global_model_overrides(server_round))
         return arrays, metrics
 
-    def collect_statistics(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> list[ClientReport]:
-        """Every client's ``ClientMethod.statistics`` on ``arrays`` (the new global model), outside training.
+    def collect_statistics(self, grid: Grid, arrays: ArrayRecord, timeout: float,
+                           partitions: list[int] | None = None) -> list[ClientReport]:
+        """``ClientMethod.statistics`` on ``arrays``, outside training, of ``partitions`` (None: every client).
 
-        All clients answer, not only the round's cohort; the bytes count in this round's log. A client that
-        fails is logged and left out; when none answers the run stops.
+        After aggregation every client answers on the new global model (CCVR, RUCR); before training, the
+        round's cohort on the model it starts from (FedYoYo). The bytes count in this round's log. A client
+        that fails is logged and left out; when none answers the run stops.
         """
         current = self.current
         assert current is not None, "statistics are gathered within a round"
         config = ConfigRecord({"server-round": current.server_round})
-        messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=node,
+        asked = sorted(self.node_of_partition) if partitions is None else sorted(partitions)
+        messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=self.node_of_partition[p],
                             message_type=f"{MessageType.QUERY}.{STATISTICS_QUERY}")
-                    for _, node in sorted(self.node_of_partition.items())]
+                    for p in asked]
         current.bytes_down += sum(content_nbytes(m.content) for m in messages)
         current.parameters_down += sum(content_parameters(m.content) for m in messages)
         replies = sorted(grid.send_and_receive(messages, timeout=timeout),

@@ -70,3 +70,11 @@ def initial_model(cfg: RunConfig, data: FederatedData) -> EncoderClassifier:
 def client_seed(seed: int, server_round: int, partition_id: int) -> int:
     """Independent, reproducible stream per (run seed, round, client)."""
     return int(np.random.SeedSequence([seed, server_round, partition_id]).generate_state(1)[0])
+
+
+STATISTICS_STREAM = 0x73746174  # "stat": tags the statistics query's seed sequence
+
+
+def statistics_seed(seed: int, server_round: int, partition_id: int) -> int:
+    """The statistics query's own stream per (run seed, round, client), apart from that round's training."""
+    return int(np.random.SeedSequence([seed, server_round, partition_id, STATISTICS_STREAM]).generate_state(1)[0])

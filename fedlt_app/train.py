@@ -1,7 +1,8 @@
 """The one local-training loop every method shares.
 
-Readable top to bottom: fresh SGD(M) each round, zero -> loss -> backward ->
-method hook -> clip -> step -> method hook.  Methods change the loss or add
+Readable top to bottom: fresh SGD(M) each round, shared batch view -> the
+method's input -> zero -> loss -> backward -> method hook -> clip -> step ->
+method hook.  Methods change the loss or add
 work around the step through ``ClientMethod`` hooks; nothing here knows which
 method is running.  The hooks' forward passes run under the run's autocast
 (``precision``); weights, optimizer state and gradients stay float32.
@@ -33,6 +34,8 @@ class TrainingHooks(Protocol):
 
     def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
               generator: torch.Generator) -> None: ...
+
+    def batch_input(self, raw: Tensor, augmented: Tensor) -> Tensor: ...
 
     def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor: ...
 
@@ -148,7 +151,10 @@ def train_locally(
     for _ in range(setup.epochs):
         order = torch.randperm(len(labels), generator=generator)
         for batch in order.split(setup.batch_size):
-            x = augment(images[batch].to(device, non_blocking=True), setup.dataset, generator)
+            raw = images[batch].to(device, non_blocking=True)
+            x = augment(raw, setup.dataset, generator)
+            with hook_rng.active():  # the shared view, or more views of these images (FedYoYo's strong one)
+                x = method.batch_input(raw, x)
             y = labels[batch].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
             with precision.autocast():

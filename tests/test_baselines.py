@@ -787,6 +787,16 @@ def test_config_accepts_exactly_the_registered_methods() -> None:
         resolve({"method": "fedbogus"})
 
 
+def statistics_answers(method, cfg, model, data) -> list[ClientReport]:  # type: ignore[no-untyped-def]
+    """Every client's answer to the statistics query on ``model``, through the wire format."""
+    answers = []
+    for k in range(data.num_clients):
+        x, y = data.client_data(k)
+        answer = method.client(cfg, C, {}).statistics(copy.deepcopy(model), x, y, FP32, torch.Generator().manual_seed(k))
+        answers.append(ClientReport(k, 0, record_to_payload(payload_to_record(answer)) if answer else {}))
+    return answers
+
+
 # the CLIP methods need a CLIP model and its weights file: tests/test_clip.py runs their parts on a tiny one
 @pytest.mark.parametrize("name", sorted(set(METHODS) - set(CLIP_METHODS)))
 def test_every_method_builds_and_runs_two_rounds_of_its_parts(name: str) -> None:
@@ -811,6 +821,8 @@ def test_every_method_builds_and_runs_two_rounds_of_its_parts(name: str) -> None
     for server_round in (1, 2):
         model.load_state_dict(global_state)
         server.begin_round(server_round, list(range(data.num_clients)))
+        if server.wants_statistics_before_training(server_round):  # the cohort's query first (FedYoYo)
+            server.absorb_statistics(server_round, model, statistics_answers(method, cfg, model, data))
         payload = server.broadcast(server_round, model)
         payload = record_to_payload(payload_to_record(payload)) if payload else {}  # the wire format
         reports, states = [], []
@@ -837,12 +849,7 @@ def test_every_method_builds_and_runs_two_rounds_of_its_parts(name: str) -> None
             global_state[key] = torch.from_numpy(np.asarray(value)).to(global_state[key].dtype)
         model.load_state_dict(global_state)
         if server.wants_statistics(server_round):  # the query on the new global model (CCVR, RUCR)
-            answers = []
-            for k in range(data.num_clients):
-                x, y = data.client_data(k)
-                answer = method.client(cfg, C, {}).statistics(copy.deepcopy(model), x, y, FP32)
-                answers.append(ClientReport(k, 0, record_to_payload(payload_to_record(answer)) if answer else {}))
-            server.absorb_statistics(server_round, model, answers)
+            server.absorb_statistics(server_round, model, statistics_answers(method, cfg, model, data))
         evaluated = server.evaluation_model(model)
         assert isinstance(evaluated, EncoderClassifier)
         with torch.no_grad():

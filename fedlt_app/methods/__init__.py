@@ -21,6 +21,7 @@ from fedlt_app.methods.representation.moon import MoonClient, MoonServer, add_pr
 from fedlt_app.methods.loss.ratio_loss import RatioLossClient, RatioLossServer
 from fedlt_app.methods.decoupled.rucr import RUCRClient, RUCRServer
 from fedlt_app.methods.distillation.fedic import FedICServer
+from fedlt_app.methods.distillation.fedyoyo import FedYoYoClient, FedYoYoServer
 from fedlt_app.methods.decoupled.redgrape import RedGrapeClient, RedGrapeServer, add_supplementary_classifier
 from fedlt_app.methods.vision_language.capt import CAPTClient, CAPTServer, capt_model
 from fedlt_app.methods.vision_language.clip2fl import CLIP2FLClient, CLIP2FLServer
@@ -56,6 +57,8 @@ METHODS: dict[str, Method] = {
     "rucr": Method(RUCRClient, RUCRServer),
     # cross-entropy clients; the server reads every client model and distils a calibrated ensemble (server data)
     "fedic": Method(ClientMethod, FedICServer),
+    # the cohort's feature dispersion before training -> prior; weak + strong views, adjusted logits, self-distillation
+    "fedyoyo": Method(FedYoYoClient, FedYoYoServer),
     "moon": Method(MoonClient, MoonServer, add_projection_head),  # keeps each client's previous model on its node
     # fixed simplex-ETF classifier (never sent) + projection; personal fine-tuning for the personalised accuracy
     "fedetf": Method(FedETFClient, FedETFServer, add_etf_classifier),

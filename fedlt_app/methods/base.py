@@ -79,6 +79,17 @@ class ClientMethod:
         low-precision copies until the hook returns).
         """
 
+    def batch_input(self, raw: Tensor, augmented: Tensor) -> Tensor:
+        """The input ``loss`` gets for one batch, given its uint8 images ``raw`` and the shared augmented view.
+
+        By default the shared view, which every method sees alike (paired runs). A method that needs more
+        views of the same images (FedYoYo's strongly augmented copy) returns them stacked along the batch
+        dimension after the shared one, drawing only from its own stream (``begin``'s generator; the global
+        RNG here is the hooks' own), so the shared view and every other method's batches stay unchanged.
+        Runs outside autocast, on the model's device.
+        """
+        return augmented
+
     def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor:
         return F.cross_entropy(model(x), y)
 
@@ -106,10 +117,14 @@ class ClientMethod:
         """
         return {}
 
-    def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision) -> Payload:
+    def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision,
+                   generator: torch.Generator | None = None) -> Payload:
         """Answer the server's statistics query (outside training) about ``model`` on the local data.
 
-        Only methods whose server part ``wants_statistics`` implement it (CCVR's per-class feature moments).
+        Only methods whose server part asks for it implement it: ``wants_statistics`` (CCVR's per-class
+        feature moments, after aggregation) or ``wants_statistics_before_training`` (FedYoYo's feature
+        dispersion, on the model a round starts from). ``generator``: the query's own stream (seeded by
+        run seed, round and client), for a method whose answer draws (FedYoYo's shuffled batches).
         """
         return {}
 
@@ -157,8 +172,9 @@ class ClientReport:
 class ServerMethod:
     """Server side of a method that needs nothing beyond weighted averaging.
 
-    Hooks run in this order each round: ``begin_round`` (the cohort), ``broadcast`` (with the global model
-    being sent), then, on the replies that succeeded, ``aggregation_weights``
+    Hooks run in this order each round: ``begin_round`` (the cohort), if ``wants_statistics_before_training``
+    the cohort's ``statistics`` on the model being sent to ``absorb_statistics``, ``broadcast`` (with the
+    global model being sent), then, on the replies that succeeded, ``aggregation_weights``
     and ``absorb``; if ``wants_statistics``, every client's ``statistics`` answer on
     the new global model goes to ``absorb_statistics``; ``evaluation_model``
     picks what the server tests.
@@ -235,9 +251,17 @@ class ServerMethod:
         new global model (an extra query round trip outside training)."""
         return False
 
+    def wants_statistics_before_training(self, server_round: int) -> bool:
+        """Whether, before this round's training, the round's cohort answers ``ClientMethod.statistics`` on the
+        model the round starts from (FedYoYo's first phase). The answers go to ``absorb_statistics`` before
+        ``broadcast``, so what the server sends can depend on them."""
+        return False
+
     def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
                           reports: list[ClientReport]) -> None:
-        """Take the statistics query's answers (only replies that succeeded); runs before ``evaluation_model``."""
+        """Take the statistics query's answers (only replies that succeeded): after aggregation (before
+        ``evaluation_model``) for ``wants_statistics``, before ``broadcast`` for
+        ``wants_statistics_before_training``."""
 
     def evaluation_model(self, global_model: EncoderClassifier) -> EncoderClassifier:
         """The network the server evaluates, given the new global model."""

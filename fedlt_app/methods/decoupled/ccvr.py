@@ -45,8 +45,8 @@ from torch import Tensor, nn
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
-from fedlt_app.data.transforms import to_float
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
+from fedlt_app.methods.features import encoder_features
 from fedlt_app.methods.retrain import retrain_linear, with_classifier
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import Precision
@@ -106,23 +106,11 @@ def sample_gaussian(mean: np.ndarray, covariance: np.ndarray, count: int, genera
     return torch.from_numpy(mean) + z @ root.T
 
 
-@torch.no_grad()
-def encoder_features(model: EncoderClassifier, images: Tensor, dataset: str, precision: Precision,
-                     batch_size: int = 256) -> Tensor:
-    """The encoder's features of un-augmented images, eval mode, float32."""
-    device = next(model.parameters()).device
-    model.eval()
-    chunks = []
-    for i in range(0, len(images), batch_size):
-        with precision.autocast():
-            chunks.append(model.encoder(to_float(images[i : i + batch_size].to(device), dataset)).float())
-    return torch.cat(chunks)
-
-
 class CCVRClient(ClientMethod):
     """FedAvg+CE training; on the server's statistics query, per-class feature moments of the global model."""
 
-    def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision) -> Payload:
+    def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision,
+                   generator: torch.Generator | None = None) -> Payload:
         features = encoder_features(model, images, self.cfg.dataset, precision)
         return class_moments(features, labels, self.num_classes)
 

@@ -81,7 +81,7 @@ from torch.nn import functional as F
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
-from fedlt_app.methods.decoupled.ccvr import encoder_features
+from fedlt_app.methods.features import encoder_features
 from fedlt_app.methods.retrain import retrain_linear, with_classifier
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import Precision, full_precision, precision_for
@@ -218,7 +218,8 @@ class RUCRClient(ClientMethod):
         mean = float(self._feature_sum) / max(self._feature_steps, 1)
         return {**self._report, FEATURE_LOSS: np.array([mean if self._feature_steps else np.nan], dtype=np.float32)}
 
-    def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision) -> Payload:
+    def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision,
+                   generator: torch.Generator | None = None) -> Payload:
         """Per held class: count and mean feature of the (new global) model on the un-augmented local data."""
         return class_means(encoder_features(model, images, self.cfg.dataset, precision), labels, self.num_classes)
 

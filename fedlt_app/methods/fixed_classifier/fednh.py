@@ -70,7 +70,7 @@ from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
 from fedlt_app.methods.class_sums import summed
-from fedlt_app.methods.decoupled.ccvr import encoder_features
+from fedlt_app.methods.features import encoder_features
 from fedlt_app.models import Bottleneck, EncoderClassifier
 from fedlt_app.precision import precision_for
 
