@@ -402,6 +402,8 @@ SCHEMA: tuple[Option, ...] = (
            one_of(*PRECISIONS)),
     Option("output-dir", str, "outputs", "results go to <output-dir>/<run-name>/ (relative: to the app's directory)"),
     Option("run-name", str, "", "name of the run's result folder (empty = <method>-<dataset>-<timestamp>)"),
+    Option("pictures", bool, True, "draw the run's pictures (curves.png, per_class.png, partition.png) when it "
+           "ends; false: metrics and summary only (fedlt-report RUN_DIR draws them later)"),
     Option("wandb-mode", str, "disabled", "Weights & Biases logging", one_of("disabled", "offline", "online")),
     Option("wandb-project", str, "fedlt", "W&B project"),
 )
@@ -571,6 +573,7 @@ class RunConfig:
     precision: str
     output_dir: str
     run_name: str
+    pictures: bool
     wandb_mode: str
     wandb_project: str
 

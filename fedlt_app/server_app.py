@@ -109,7 +109,8 @@ def main(grid: Grid, context: Context) -> None:
         info["synthetic"] = generate_on_clients(grid, node_of_partition, cfg.regl_generate_timeout)
     log(INFO, "[fedlt] results -> %s", run_dir)
 
-    with RunRecorder(cfg, run_dir, info, resume_after=done if cfg.resume_from else None) as recorder:
+    with RunRecorder(cfg, run_dir, info, resume_after=done if cfg.resume_from else None,
+                     pictures=cfg.pictures) as recorder:
 
         def evaluate_global(_: int, arrays: ArrayRecord) -> MetricRecord | None:
             current = strategy.current

@@ -8,8 +8,12 @@ grid key(s) make the table's rows, and optional per-row overrides. Every cell
 after another through the real app (:func:`fedlt_app.launch.run`), each into
 ``<output>/<sweep>/runs/<cell-name>/``. A cell is finished when its
 ``summary.json`` says ``completed``: a second invocation skips it, so a killed
-sweep resumes where it stopped; a cell that left partial results is re-run
-into ``<cell-name>-retry<k>`` (the app never overwrites a run directory).
+sweep resumes where it stopped. An interrupted cell whose folder holds a
+checkpoint (``checkpoint-every``) is continued from it with ``resume-from``,
+in its own folder, when its method keeps no state on its clients (then the
+continued run is the uninterrupted one, to the digit); any other cell that
+left partial results is re-run into ``<cell-name>-retry<k>`` (the app never
+overwrites a run directory).
 At the end (and with ``--report-only``) the tables and plots of
 :mod:`fedlt_app.report` are written next to the runs.
 
@@ -47,7 +51,8 @@ SPEC_KEYS = (
 )
 # Run-config keys that do not change a run's results: a finished run still
 # counts when only these differ from the sweep file (e.g. data moved).
-NOT_IDENTITY = frozenset({"preset", "run-name", "output-dir", "data-dir", "device", "wandb-mode", "wandb-project"})
+NOT_IDENTITY = frozenset({"preset", "run-name", "output-dir", "data-dir", "device", "wandb-mode", "wandb-project",
+                          "resume-from", "pictures"})
 DEFAULT_TIMEOUT = 72 * 3600.0
 CELL_LOG = "cells.jsonl"  # one line per cell run: name, run name, exit code, status, wall seconds
 SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -536,20 +541,36 @@ def launch_runner(run: CellRun) -> int:
 
 @dataclass(frozen=True)
 class CellState:
-    status: str  # "completed", "partial" (results but no completed summary) or "new"
+    # "completed"; "resume" (the last attempt stopped after a checkpoint: continue it with resume-from);
+    # "partial" (results but no completed summary, nothing to continue: re-run as -retry<k>); or "new"
+    status: str
     completed: Path | None
     next_name: str
+    resume_from: Path | None = None
 
 
-def cell_state(runs_dir: Path, name: str) -> CellState:
+def cell_state(runs_dir: Path, name: str, resumable: bool = True) -> CellState:
+    """Where a cell stands. ``resumable``: its method replays exactly from a checkpoint (no client state), so an
+    interrupted attempt with a checkpoint is continued in its own folder instead of re-run from round 1."""
+    from fedlt_app.checkpoint import CHECKPOINT_FILE  # torch: only when a sweep plans its cells
+
     attempts = report.attempts(runs_dir, name)
     done = report.completed_attempt(runs_dir, name)
     if done is not None:
         return CellState("completed", done, name)
     if not attempts:
         return CellState("new", None, name)
-    last = max(report.retry_index(p.name, name) for p in attempts)
-    return CellState("partial", None, f"{name}-retry{last + 1}")
+    last = attempts[-1]  # oldest first
+    if resumable and (last / CHECKPOINT_FILE).is_file():
+        return CellState("resume", None, last.name, resume_from=last)
+    return CellState("partial", None, f"{name}-retry{report.retry_index(last.name, name) + 1}")
+
+
+def replays_from_checkpoint(cell: Cell) -> bool:
+    """A cell whose method keeps no state on its clients: resuming it gives the uninterrupted run's results."""
+    from fedlt_app.methods import keeps_client_state
+
+    return not keeps_client_state(str(cell.run_config["method"]))
 
 
 def _check_finished_run(cell: Cell, run_dir: Path) -> None:
@@ -648,7 +669,7 @@ def run_sweep(
 
     plan: list[tuple[Cell, CellState]] = []
     for cell in cells:
-        state = cell_state(runs_dir, cell.name)
+        state = cell_state(runs_dir, cell.name, resumable=replays_from_checkpoint(cell))
         if state.completed is not None:
             _check_finished_run(cell, state.completed)
         plan.append((cell, state))
@@ -666,6 +687,7 @@ def run_sweep(
     if dry_run:
         for k, (cell, state) in enumerate(plan, 1):
             what = {"completed": "finished, skip", "partial": f"partial results, re-run as {state.next_name}",
+                    "resume": f"interrupted, continue {state.next_name} from its checkpoint",
                     "new": "run"}[state.status]
             if state.status != "completed" and not selected(cell, only):
                 what = "not selected"
@@ -692,9 +714,12 @@ def run_sweep(
             continue
         rate = run_seconds / run_rounds if run_rounds else prior
         remaining = f"estimated remaining {duration(rate * rounds_left)}" if rate else "estimated remaining unknown"
-        retry = f" (partial results left; re-running as {state.next_name})" if state.status == "partial" else ""
+        retry = {"partial": f" (partial results left; re-running as {state.next_name})",
+                 "resume": f" (interrupted; continuing {state.next_name} from its checkpoint)"}.get(state.status, "")
         log(f"[sweep] cell {k}/{total} {cell.name}: elapsed {duration(clock() - started)}, {remaining}{retry}")
         run_config = {**cell.overrides, "output-dir": str(runs_dir), "run-name": state.next_name}
+        if state.resume_from is not None:  # the app continues in the checkpoint's folder
+            run_config["resume-from"] = str(state.resume_from)
         run = CellRun(
             cell=cell,
             run_name=state.next_name,

@@ -27,7 +27,14 @@ def run_app(
     ``validate=False`` skips the launcher's up-front config check, so the ServerApp's own runs.
     """
     monkeypatch.setenv("FLWR_HOME", str(tmp / "flwr-home"))
-    return launch.run(ROOT, run_config, num_clients=num_clients, cpus=1, gpus=0.0, timeout=600, validate=validate)
+    return launch.run(ROOT, without_pictures(run_config), num_clients=num_clients, cpus=1, gpus=0.0, timeout=600,
+                      validate=validate)
+
+
+def without_pictures(run_config: str) -> str:
+    """``run_config`` with ``pictures=false`` unless it names ``pictures``: drawing is seconds a run, and the
+    suite's runs check their metrics (one real run keeps its pictures, tests/test_e2e_simulation.py)."""
+    return run_config if "pictures=" in run_config else f"{run_config} pictures=false".strip()
 
 
 def metrics_rows(run_dir: Path) -> list[dict]:
@@ -49,7 +56,7 @@ def kill_after_checkpoint(tmp: Path, run_config: str, run_dir: Path, at_round: i
     """
     env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home")}
     command = [sys.executable, "-m", "fedlt_app.launch", str(ROOT), "--num-clients", str(num_clients),
-               "--run-config", run_config]
+               "--run-config", without_pictures(run_config)]
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = run_dir / "checkpoint.pt"
     deadline = time.monotonic() + limit

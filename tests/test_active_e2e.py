@@ -1,4 +1,4 @@
-"""FairFAL through Flower's real simulation engine: 3 clients, 3 small cycles, twice with one seed."""
+"""FairFAL through the real ServerApp and ClientApp (in process): 3 clients, 3 small cycles, twice with one seed."""
 
 from __future__ import annotations
 
@@ -7,14 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from fedlt_app import launch
+from in_process import run_in_process
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENTS = 3
 BUDGET = 5  # round(335, -2) * 0.05 = 15 labels per cycle over 3 clients
-
-pytestmark = pytest.mark.e2e
-
 
 def _run(tmp: Path, name: str) -> list[dict]:
     run_config = (
@@ -22,8 +18,7 @@ def _run(tmp: Path, name: str) -> list[dict]:
         f"fairfal-local-epochs=5 output-dir='{tmp / 'out'}' run-name='{name}'"
     )
     with pytest.MonkeyPatch.context() as monkeypatch:
-        monkeypatch.setenv("FLWR_HOME", str(tmp / "flwr-home"))
-        assert launch.run(ROOT, run_config, num_clients=CLIENTS, cpus=1, gpus=0.0, timeout=600) == 0
+        assert run_in_process(tmp, monkeypatch, run_config, num_clients=CLIENTS) == 0
     summary = json.loads((tmp / "out" / name / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["config"]["active_learning"]["per_client"] == BUDGET

@@ -792,7 +792,8 @@ def statistics_answers(method, cfg, model, data) -> list[ClientReport]:  # type:
     answers = []
     for k in range(data.num_clients):
         x, y = data.client_data(k)
-        answer = method.client(cfg, C, {}).statistics(copy.deepcopy(model), x, y, FP32, torch.Generator().manual_seed(k))
+        answer = method.client(cfg, C, {}).statistics(copy.deepcopy(model), x, y, FP32,
+                                                      torch.Generator().manual_seed(k))
         answers.append(ClientReport(k, 0, record_to_payload(payload_to_record(answer)) if answer else {}))
     return answers
 

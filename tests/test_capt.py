@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from app_runs import metrics_rows, run_app
+from app_runs import metrics_rows
 from fedlt_app.clip.classnames import CLASS_NAMES
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods import ClientReport
@@ -41,6 +41,7 @@ from fedlt_app.methods.vision_language.capt import (
 )
 from fedlt_app.records import content_nbytes
 from fedlt_app.train import LocalTraining, train_locally
+from in_process import run_in_process
 from test_clip import EMBED, IMAGE, build, clip_config, tiny_clip  # noqa: F401 - tiny_clip is a fixture
 
 KEYS = ["prompts.general", "prompts.class_aware", "prompts.coupling.weight", "prompts.coupling.bias"]
@@ -433,19 +434,18 @@ def test_config_fails_fast_naming_the_key() -> None:
         assert cfg.method == "capt" and cfg.batch_size == 16 and cfg.local_lr == 0.001
 
 
-# ---------------------------------------------------------------- end to end through Flower
+# ---------------------------------------------------------------- end to end through the real apps (in process)
 
 
-@pytest.mark.e2e
 def test_capt_end_to_end_sends_only_prompts_and_alternates_aggregation(
     tiny_clip: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """4 clients, 3 rounds, aggregation every 2nd round (round 2 delivers per-node cluster prompts)."""
-    code = run_app(tmp_path, monkeypatch,
-                   f"method='capt' clip-weights='{tiny_clip[1]}' num-server-rounds=3 samples-per-class=8 "
-                   f"imbalance-ratio=2.0 local-lr=0.01 batch-size=16 grad-clip=0.0 capt-mab-arms='2' "
-                   f"capt-sim-clusters=2 capt-comp-clusters=2 output-dir='{tmp_path / 'out'}' run-name='capt'",
-                   num_clients=4)
+    code = run_in_process(tmp_path, monkeypatch,
+                          f"method='capt' clip-weights='{tiny_clip[1]}' num-server-rounds=3 samples-per-class=8 "
+                          f"imbalance-ratio=2.0 local-lr=0.01 batch-size=16 grad-clip=0.0 capt-mab-arms='2' "
+                          f"capt-sim-clusters=2 capt-comp-clusters=2 output-dir='{tmp_path / 'out'}' run-name='capt'",
+                          num_clients=4)
     assert code == 0
     rows = metrics_rows(tmp_path / "out" / "capt")
     assert [r["round"] for r in rows] == [1, 2, 3]

@@ -18,11 +18,11 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from app_runs import run_app
 from fedlt_app.config import resolve
 from fedlt_app.methods.base import ClientReport
 from fedlt_app.methods.decoupled.ccvr import CCVRClient, CCVRServer, class_moments, combine_moments, sample_gaussian
 from fedlt_app.precision import FP32
+from in_process import run_in_process
 from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
@@ -148,10 +148,9 @@ def test_final_calibrates_only_the_last_round() -> None:
     assert [final.wants_statistics(r) for r in (1, 2, 3)] == [False, False, True]
 
 
-@pytest.mark.e2e
-def test_ccvr_runs_through_the_engine_with_the_statistics_query(tmp_path: Path,
+def test_ccvr_runs_through_the_apps_with_the_statistics_query(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    code = run_app(
+    code = run_in_process(
         tmp_path, monkeypatch,
         "method='ccvr' num-server-rounds=2 samples-per-class=30 imbalance-ratio=10.0 ccvr-virtual-per-class=50 "
         f"ccvr-retrain-epochs=2 output-dir='{tmp_path / 'out'}' run-name='ccvr' wandb-mode='disabled'",

@@ -21,7 +21,6 @@ import torch
 from flwr.app import ArrayRecord, RecordDict
 from torch.nn import functional as F
 
-from app_runs import run_app
 from fedlt_app.clip.backbone import CLIP_MEAN, CLIP_STD, CLIPUnavailable, load_clip, require_open_clip
 from fedlt_app.clip.classnames import CLASS_NAMES
 from fedlt_app.config import ConfigError, resolve
@@ -29,6 +28,7 @@ from fedlt_app.data import to_float
 from fedlt_app.methods import ClientMethod
 from fedlt_app.records import content_nbytes
 from fedlt_app.train import LocalTraining, train_locally
+from in_process import run_in_process
 
 SKIP_REASON = 'open_clip is absent: the CLIP methods need the optional extra (pip install -e ".[clip]")'
 EMBED = 64  # text width = joint width of the tiny CLIP
@@ -198,21 +198,20 @@ def test_training_moves_only_the_context_and_only_the_context_travels(tiny_clip:
         other.load_travelling_state({**state, "clip.logit_scale": torch.zeros(())})
 
 
-# ---------------------------------------------------------------- end to end through Flower
+# ---------------------------------------------------------------- end to end through the real apps (in process)
 
 
 def rows_of(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.e2e
 def test_promptfl_end_to_end_sends_only_the_context(tiny_clip: tuple, tmp_path: Path,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     n_ctx = 2
-    code = run_app(tmp_path, monkeypatch,
-                   f"method='promptfl' clip-weights='{tiny_clip[1]}' promptfl-n-ctx={n_ctx} num-server-rounds=2 "
-                   f"samples-per-class=12 imbalance-ratio=2.0 local-lr=0.5 output-dir='{tmp_path / 'out'}' "
-                   f"run-name='pfl'", num_clients=2)
+    code = run_in_process(tmp_path, monkeypatch,
+                          f"method='promptfl' clip-weights='{tiny_clip[1]}' promptfl-n-ctx={n_ctx} num-server-rounds=2 "
+                          f"samples-per-class=12 imbalance-ratio=2.0 local-lr=0.5 output-dir='{tmp_path / 'out'}' "
+                          f"run-name='pfl'", num_clients=2)
     assert code == 0
     rows = rows_of(tmp_path / "out" / "pfl")
     assert [r["round"] for r in rows] == [1, 2]
@@ -224,17 +223,16 @@ def test_promptfl_end_to_end_sends_only_the_context(tiny_clip: tuple, tmp_path: 
         assert np.isfinite(row["train_loss"]) and 0.0 <= row["accuracy"] <= 1.0
 
 
-@pytest.mark.e2e
 def test_zero_shot_end_to_end_trains_nothing_and_matches_direct_evaluation(
     tiny_clip: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from fedlt_app.task import federated_data
 
     settings = {"samples-per-class": 12, "imbalance-ratio": 2.0}
-    code = run_app(tmp_path, monkeypatch,
-                   f"method='zero-shot-clip' clip-weights='{tiny_clip[1]}' num-server-rounds=2 "
-                   f"samples-per-class=12 imbalance-ratio=2.0 output-dir='{tmp_path / 'out'}' run-name='zs'",
-                   num_clients=2)
+    code = run_in_process(tmp_path, monkeypatch,
+                          f"method='zero-shot-clip' clip-weights='{tiny_clip[1]}' num-server-rounds=2 "
+                          f"samples-per-class=12 imbalance-ratio=2.0 output-dir='{tmp_path / 'out'}' run-name='zs'",
+                          num_clients=2)
     assert code == 0
     rows = rows_of(tmp_path / "out" / "zs")
     assert [r["round"] for r in rows] == [1, 2]

@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.nn import functional as F
 
-from app_runs import metrics_rows, run_app
+from app_runs import metrics_rows
 from fedlt_app.clip.classnames import CLASS_NAMES
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods.vision_language.clip2fl import (
@@ -24,6 +24,7 @@ from fedlt_app.methods.vision_language.clip2fl import (
 )
 from fedlt_app.models import build_model
 from fedlt_app.clip.backbone import CLIP_MEAN, CLIP_STD
+from in_process import run_in_process
 from test_clip import IMAGE, clip_config, make_tiny_clip
 
 CNN_WIDTH = 128  # the cnn's feature width: the tiny CLIP here is as wide, so the text-guided term applies
@@ -117,14 +118,13 @@ def test_server_adds_the_text_term_and_refuses_mismatched_widths(tiny_clip: tupl
         resolve({"method": "clip2fl"})
 
 
-@pytest.mark.e2e
 def test_clip2fl_end_to_end(tiny_clip: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """2 clients, 2 rounds, the cnn (128-d features = this tiny CLIP's width): runs, evaluates, logs the term."""
-    code = run_app(tmp_path, monkeypatch,
-                   f"method='clip2fl' clip-weights='{tiny_clip[1]}' num-server-rounds=2 "
-                   f"samples-per-class=6 imbalance-ratio=2.0 batch-size=16 creff-features-per-class=4 "
-                   f"creff-match-steps=3 creff-retrain-epochs=2 output-dir='{tmp_path / 'out'}' run-name='c2'",
-                   num_clients=2)
+    code = run_in_process(tmp_path, monkeypatch,
+                          f"method='clip2fl' clip-weights='{tiny_clip[1]}' num-server-rounds=2 "
+                          f"samples-per-class=6 imbalance-ratio=2.0 batch-size=16 creff-features-per-class=4 "
+                          f"creff-match-steps=3 creff-retrain-epochs=2 output-dir='{tmp_path / 'out'}' run-name='c2'",
+                          num_clients=2)
     assert code == 0
     rows = metrics_rows(tmp_path / "out" / "c2")
     assert [r["round"] for r in rows] == [1, 2]

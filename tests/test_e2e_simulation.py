@@ -1,4 +1,4 @@
-"""End to end through Flower's real simulation engine (SuperLink + Ray), small."""
+"""End to end through Flower's real simulation engine (SuperLink + Ray), small; every method through the apps."""
 
 from __future__ import annotations
 
@@ -9,11 +9,10 @@ import pytest
 
 from app_runs import run_app
 from fedlt_app.precision import cpu_has_native_bf16
+from in_process import run_in_process
 from wandb_reader import logged_history
 
 ROUNDS = 3
-
-pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -24,12 +23,14 @@ def redgrape_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
             tmp,
             monkeypatch,
             f"method='redgrape' num-server-rounds={ROUNDS} samples-per-class=150 imbalance-ratio=10.0 "
-            f"local-epochs=2 local-lr=0.05 output-dir='{tmp / 'out'}' run-name='e2e' wandb-mode='offline'",
+            f"local-epochs=2 local-lr=0.05 output-dir='{tmp / 'out'}' run-name='e2e' wandb-mode='offline' "
+            "pictures=true",
         )
     assert code == 0
     return tmp / "out" / "e2e"
 
 
+@pytest.mark.e2e
 def test_metrics_written_every_round(redgrape_run: Path) -> None:
     rows = [json.loads(line) for line in (redgrape_run / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(1, ROUNDS + 1))
@@ -45,8 +46,11 @@ def test_metrics_written_every_round(redgrape_run: Path) -> None:
     # prototypes travel down from round 2 on: more than the model alone
     assert rows[1]["parameters_down"] > rows[0]["parameters_down"]
     assert rows[-1]["accuracy"] > 0.2  # chance is 0.1
+    for picture in ("curves.png", "per_class.png", "partition.png"):  # drawn when the run ends (pictures=true)
+        assert (redgrape_run / picture).stat().st_size > 0
 
 
+@pytest.mark.e2e
 def test_summary_holds_config_and_last10(redgrape_run: Path) -> None:
     summary = json.loads((redgrape_run / "summary.json").read_text())
     rows = [json.loads(line) for line in (redgrape_run / "metrics.jsonl").read_text().splitlines()]
@@ -57,6 +61,7 @@ def test_summary_holds_config_and_last10(redgrape_run: Path) -> None:
     assert summary["last10_tail_accuracy"] == pytest.approx(sum(r["tail_accuracy"] for r in rows) / len(rows))
 
 
+@pytest.mark.e2e
 def test_offline_wandb_history_holds_per_round_accuracy(redgrape_run: Path) -> None:
     run_files = list((redgrape_run / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(run_files) == 1
@@ -66,6 +71,7 @@ def test_offline_wandb_history_holds_per_round_accuracy(redgrape_run: Path) -> N
     assert [h["accuracy"] for h in history] == pytest.approx([r["accuracy"] for r in rows])
 
 
+@pytest.mark.e2e
 def test_failed_run_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """flwr run exits 0 on a failed run; the launcher must not.
 
@@ -78,24 +84,28 @@ def test_failed_run_is_a_failure(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.parametrize(
-    ("method", "extra"),
-    [
-        ("fedavg", ""),
-        ("fedprox", "prox-mu=0.01"),
-        ("focal", ""),
-        ("fedlc", ""),
-        ("ratio-loss", "ratio-aux-per-class=8"),
-        ("climb", "climb-dual-lr=0.5"),
-        ("creff", "creff-features-per-class=10 creff-match-steps=5 creff-retrain-epochs=5"),
-        ("redgrape", "server-opt='fedadam' server-lr=0.01"),
-        ("redgrape", "server-opt='fedavgm' server-lr=0.5"),
-    ],
-)
-def test_every_method_runs_through_the_engine(
+# The methods without a run test of their own, through the real ServerApp and ClientApp in process
+# (tests/in_process.py): the apps' code is the engine's, minus Ray and the SuperLink, which the runs above and
+# tests/test_e2e_reliability.py exercise. Every other method's test file runs it the same way (the CLIP methods
+# on the tiny CLIP there); test_every_method_has_a_run_test below keeps the list complete.
+METHOD_RUNS = [
+    ("fedavg", ""),
+    ("fedprox", "prox-mu=0.01"),
+    ("focal", ""),
+    ("fedlc", ""),
+    ("ratio-loss", "ratio-aux-per-class=8"),
+    ("climb", "climb-dual-lr=0.5"),
+    ("creff", "creff-features-per-class=10 creff-match-steps=5 creff-retrain-epochs=5"),
+    ("redgrape", "server-opt='fedadam' server-lr=0.01"),
+    ("redgrape", "server-opt='fedavgm' server-lr=0.5"),
+]
+
+
+@pytest.mark.parametrize(("method", "extra"), METHOD_RUNS)
+def test_every_method_runs_through_the_apps(
     method: str, extra: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    code = run_app(
+    code = run_in_process(
         tmp_path,
         monkeypatch,
         f"method='{method}' {extra} num-server-rounds=2 samples-per-class=60 imbalance-ratio=10.0 "
@@ -110,6 +120,7 @@ def test_every_method_runs_through_the_engine(
     assert summary["status"] == "completed" and summary["config"]["run_config"]["method"] == method
 
 
+@pytest.mark.e2e
 @pytest.mark.skipif(not cpu_has_native_bf16(),
                     reason="precision='bf16' needs a CPU with AVX-512 BF16 or AMX; this one would only emulate it")
 def test_bf16_run_through_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -128,3 +139,19 @@ def test_bf16_run_through_the_engine(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert [r["round"] for r in rows] == [1, 2] and rows[-1]["accuracy"] > 0.18
     config = json.loads((run_dir / "config.json").read_text())
     assert config["run_config"]["precision"] == "bf16" and config["server_precision"] == "bf16"
+
+
+def test_every_method_has_a_run_test() -> None:
+    """Each method value runs through the apps somewhere in the suite: in the list above or in its own file."""
+    import ast
+
+    from fedlt_app.methods import METHODS
+
+    here = Path(__file__).parent
+    listed = {method for method, _ in METHOD_RUNS}
+    in_files = set()
+    for path in here.glob("test_*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.startswith("method='"):
+                in_files.add(node.value.split("'")[1])
+    assert set(METHODS) <= listed | in_files, sorted(set(METHODS) - listed - in_files)

@@ -3,7 +3,7 @@
 Expected values are computed here in numpy from the models' weights or from
 hand-built cases (never read back from the code under test). The ClientApp's
 train handler is called in process for the reply's contents; one run goes
-through Flower's engine.
+through the real apps (in process).
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
 from torch import Tensor, nn
 
-from app_runs import run_app
 from fedlt_app import client_app
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods import get_method
@@ -35,6 +34,7 @@ from fedlt_app.records import content_parameters
 from fedlt_app.strategy import RoundLog
 from fedlt_app.task import federated_data, initial_model
 from fedlt_app.train import LocalTraining, train_locally
+from in_process import run_in_process
 
 C, D = 4, 6  # classes; pixels of a (1, 1, D) image = the toy backbone's feature width
 
@@ -252,15 +252,14 @@ def test_a_node_without_a_test_split_reports_no_personalised_accuracy() -> None:
     assert "personalised-accuracy" not in metrics
 
 
-# ---------------------------------------------------------------- through Flower's engine
+# ---------------------------------------------------------------- through the real apps (in process)
 
 
-@pytest.mark.e2e
 def test_fedetf_run_records_personalised_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = ("method='fedetf' samples-per-class=60 imbalance-ratio=10.0 num-server-rounds=2 "
               "fedetf-finetune-rounds=1 fedetf-finetune-epochs=1 "
               f"output-dir='{tmp_path / 'out'}' run-name='fedetf'")
-    assert run_app(tmp_path, monkeypatch, config, num_clients=2) == 0
+    assert run_in_process(tmp_path, monkeypatch, config, num_clients=2) == 0
     run_dir = tmp_path / "out" / "fedetf"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

@@ -16,7 +16,6 @@ import pytest
 import torch
 from torch import nn
 
-from app_runs import run_app
 from fedlt_app.config import resolve
 from fedlt_app.methods.base import ClientReport
 from fedlt_app.methods.loss.fedgrab import (
@@ -32,6 +31,7 @@ from fedlt_app.methods.loss.fedgrab import (
     shot_split,
 )
 from fedlt_app.models import EncoderClassifier
+from in_process import run_in_process
 
 C, D = 3, 4
 GAINS = (10.0, 0.01, 0.1)  # the official PID's Kp, Ki, Kd
@@ -222,15 +222,14 @@ def test_bad_fedgrab_keys_fail_naming_the_key() -> None:
         fedgrab_cfg(**{"fedgrab-kp": -1.0})
 
 
-# ---------------------------------------------------------------- through Flower's engine
+# ---------------------------------------------------------------- through the real apps (in process)
 
 
-@pytest.mark.e2e
 def test_fedgrab_with_the_dpa_runs_two_rounds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "out" / "fedgrab"
-    code = run_app(tmp_path, monkeypatch, f"method='fedgrab' fedgrab-balance-classes='dpa-tail' "
-                   f"samples-per-class=60 imbalance-ratio=10.0 num-server-rounds=2 "
-                   f"output-dir='{tmp_path / 'out'}' run-name='fedgrab'", num_clients=2)
+    code = run_in_process(tmp_path, monkeypatch, f"method='fedgrab' fedgrab-balance-classes='dpa-tail' "
+                          f"samples-per-class=60 imbalance-ratio=10.0 num-server-rounds=2 "
+                          f"output-dir='{tmp_path / 'out'}' run-name='fedgrab'", num_clients=2)
     assert code == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

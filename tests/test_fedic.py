@@ -2,7 +2,7 @@
 
 The held-out server split (never a client's image), the calibrated ensemble's formula, the weighted FedAvg
 start of the refined and distilled models, the distillation loss (ld·KL at temperature T + (1 − ld)·CE), the
-stage that trains only the calibration, and one run through Flower's engine (the distilled model becomes
+stage that trains only the calibration, and one run through the real apps (in process) (the distilled model becomes
 the global model).
 """
 
@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from app_runs import run_app
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods.base import ClientReport
 from fedlt_app.methods.distillation.fedic import CalibratedEnsemble, FedICServer, server_split, weighted_average
+from in_process import run_in_process
 from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
@@ -168,10 +168,9 @@ def test_fedic_config_needs_server_data_and_refuses_secure_aggregation() -> None
         fedic_config(**{"secure-aggregation": "secagg"})
 
 
-@pytest.mark.e2e
-def test_fedic_runs_through_the_engine_on_heldout_server_data(tmp_path: Path,
+def test_fedic_runs_through_the_apps_on_heldout_server_data(tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    code = run_app(
+    code = run_in_process(
         tmp_path, monkeypatch,
         "method='fedic' fedic-server-data='heldout' num-server-rounds=2 samples-per-class=30 imbalance-ratio=10.0 "
         "fedic-steps=2 fedic-teach-per-class=10 fedic-unlabeled-batch-size=32 "

@@ -4,7 +4,7 @@ Expected values are computed here, in numpy or with torch's autograd and Adam
 as the official ``gen_sparse_ETF`` does, from the models' weights or from
 hand-built cases (never read back from the code under test). The ClientApp's
 train handler is called in process for the reply's contents; one run goes
-through Flower's engine.
+through the real apps (in process).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from torch import nn
 
-from app_runs import run_app
 from fedlt_app import client_app
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods import get_method
@@ -40,6 +39,7 @@ from fedlt_app.models import EncoderClassifier, build_model
 from fedlt_app.records import CLIENT_STATE_KEY, content_parameters, load_client_state
 from fedlt_app.task import federated_data, initial_model
 from fedlt_app.train import LocalTraining, train_locally
+from in_process import run_in_process
 
 C, P, D = 4, 6, 5  # classes; pixels of a (1, 1, P) image; the toy backbone's feature width
 STEPS = 300  # SSE-C optimisation steps in the unit tests (the default 10000 is the official)
@@ -379,15 +379,14 @@ def test_heads_module_forward_is_the_sse_logits() -> None:
     torch.testing.assert_close(heads(h), h[:, :C])
 
 
-# ---------------------------------------------------------------- through Flower's engine
+# ---------------------------------------------------------------- through the real apps (in process)
 
 
-@pytest.mark.e2e
 def test_fedloge_run_records_personalised_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     config = ("method='fedloge' samples-per-class=60 imbalance-ratio=10.0 num-server-rounds=2 "
               "fedloge-sse-steps=200 "
               f"output-dir='{tmp_path / 'out'}' run-name='fedloge'")
-    assert run_app(tmp_path, monkeypatch, config, num_clients=2) == 0
+    assert run_in_process(tmp_path, monkeypatch, config, num_clients=2) == 0
     run_dir = tmp_path / "out" / "fedloge"
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

@@ -3,7 +3,7 @@
 Expected values are computed here in numpy from hand-built inputs or the
 models' weights, never read back from the code under test. The server's
 update is also checked through FedLTStrategy (the new global model carries the
-server's prototypes) and end to end through Flower's engine.
+server's prototypes) and end to end through the real apps (in process).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
 from torch import nn
 
-from app_runs import run_app
 from fedlt_app.config import resolve
 from fedlt_app.methods import get_method
 from fedlt_app.methods.base import ClientReport
@@ -36,6 +35,7 @@ from fedlt_app.methods.fixed_classifier.fednh import (
 from fedlt_app.models import EncoderClassifier, build_model
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.train import LocalTraining, train_locally
+from in_process import run_in_process
 from test_baselines import _reply, task_identity  # noqa: F401  (a fixture, used by name)
 
 C, D = 3, 4
@@ -218,15 +218,14 @@ def test_bad_fednh_smoothing_fails_naming_the_key() -> None:
             fednh_cfg(**{"fednh-smoothing": bad})
 
 
-# ---------------------------------------------------------------- through Flower's engine
+# ---------------------------------------------------------------- through the real apps (in process)
 
 
-@pytest.mark.e2e
 def test_fednh_runs_two_rounds_and_checkpoints_its_prototypes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     run_dir = tmp_path / "out" / "fednh"
-    code = run_app(tmp_path, monkeypatch, f"method='fednh' samples-per-class=60 imbalance-ratio=10.0 "
-                   f"num-server-rounds=2 checkpoint-every=1 output-dir='{tmp_path / 'out'}' run-name='fednh'",
-                   num_clients=2)
+    code = run_in_process(tmp_path, monkeypatch, f"method='fednh' samples-per-class=60 imbalance-ratio=10.0 "
+                          f"num-server-rounds=2 checkpoint-every=1 output-dir='{tmp_path / 'out'}' run-name='fednh'",
+                          num_clients=2)
     assert code == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

@@ -5,7 +5,7 @@ sample, the floor 1e-6 for a mean at or below it); the server's smoothing (round
 rounds EMA with the change limit); the prior moves toward the client's labels once per step; the loss is
 cross-entropy on both adjusted views plus the warmed-up KL from the correctly classified weak views; the
 strong view draws from the method's stream only, so the shared batches stay paired with every other
-method's; one run through Flower's engine with the query before training.
+method's; one run through the real apps (in process) with the query before training.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from app_runs import metrics_rows, run_app
+from app_runs import metrics_rows
+from in_process import run_in_process
 from test_baselines import C, federated, images_labels, linear_model, setup
 from torch.nn import functional as F
 
@@ -201,10 +202,9 @@ def test_client_statistics_answer_the_effective_weights_of_the_received_model() 
         FedYoYoClient(cfg, C, {}).statistics(model, images, labels, FP32)
 
 
-@pytest.mark.e2e
-def test_fedyoyo_runs_through_the_engine_with_the_query_before_training(tmp_path: Path,
+def test_fedyoyo_runs_through_the_apps_with_the_query_before_training(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    code = run_app(
+    code = run_in_process(
         tmp_path, monkeypatch,
         "method='fedyoyo' num-server-rounds=2 samples-per-class=30 imbalance-ratio=10.0 fedyoyo-warmup=2 "
         f"output-dir='{tmp_path / 'out'}' run-name='yoyo' wandb-mode='disabled'",

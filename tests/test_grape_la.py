@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from in_process import run_in_process
 from test_redgrape import NUM_CLASSES, config, prototype_payload, setup, tiny_data, tiny_model
 
-from app_runs import run_app
 from fedlt_app.methods import ClientReport
 from fedlt_app.methods.decoupled.grape_la import COUNTS_KEY, PRIOR_KEY, GrapeLAClient, GrapeLAServer, adjusted_loss
 from fedlt_app.methods.decoupled.redgrape import RedGrapeClient, two_head_logits
@@ -136,12 +136,11 @@ def test_local_mode_broadcasts_no_prior() -> None:
     assert PRIOR_KEY not in server.broadcast(2, tiny_model())
 
 
-@pytest.mark.e2e
 def test_grape_la_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
-    code = run_app(tmp_path, monkeypatch,
-                   f"method='grape-la' num-server-rounds=2 samples-per-class=60 imbalance-ratio=10.0 "
-                   f"output-dir='{out}' run-name='gla'", num_clients=2)
+    code = run_in_process(tmp_path, monkeypatch,
+                          f"method='grape-la' num-server-rounds=2 samples-per-class=60 imbalance-ratio=10.0 "
+                          f"output-dir='{out}' run-name='gla'", num_clients=2)
     assert code == 0
     rows = [json.loads(line) for line in (out / "gla" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]

@@ -3,7 +3,7 @@
 Expected values are computed here in numpy from the models' weights (never
 read back from the code under test). The persistent state is checked at three
 levels: the store on a Flower RecordDict, the ClientApp's train handler called
-in process with one Context per node, and a run through Flower's engine.
+in process with one Context per node, and a run through the real apps (in process).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, Reco
 from torch import nn
 from torch.nn import functional as F
 
-from app_runs import run_app
 from fedlt_app import client_app
 from fedlt_app.config import resolve
 from fedlt_app.methods import get_method
@@ -35,6 +34,7 @@ from fedlt_app.models import EncoderClassifier, build_model
 from fedlt_app.records import CLIENT_STATE_KEY, load_client_state, save_client_state
 from fedlt_app.task import federated_data, initial_model
 from fedlt_app.train import LocalTraining, train_locally
+from in_process import run_in_process
 
 C, D = 3, 4  # classes; pixels of a (1, 1, D) image = the toy backbone's feature width
 
@@ -306,15 +306,15 @@ def test_bad_moon_keys_fail_naming_the_key() -> None:
         resolve({"method": "moon", "moon-mu": -1.0})
 
 
-# ---------------------------------------------------------------- through Flower's engine
+# ---------------------------------------------------------------- through the real apps (in process)
 
 
-@pytest.mark.e2e
 def test_moon_keeps_client_state_across_rounds_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     common = "method='moon' samples-per-class=60 imbalance-ratio=10.0 checkpoint-every=1"
     run_dir = tmp_path / "out" / "moon"
-    code = run_app(tmp_path, monkeypatch,
-                   f"{common} num-server-rounds=2 output-dir='{tmp_path / 'out'}' run-name='moon'", num_clients=2)
+    code = run_in_process(tmp_path, monkeypatch,
+                          f"{common} num-server-rounds=2 output-dir='{tmp_path / 'out'}' run-name='moon'",
+                          num_clients=2)
     assert code == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2]
@@ -324,7 +324,7 @@ def test_moon_keeps_client_state_across_rounds_and_resumes(tmp_path: Path, monke
     checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert checkpoint["round"] == 2
 
-    code = run_app(tmp_path, monkeypatch, f"{common} num-server-rounds=3 resume-from='{run_dir}'", num_clients=2)
+    code = run_in_process(tmp_path, monkeypatch, f"{common} num-server-rounds=3 resume-from='{run_dir}'", num_clients=2)
     assert code == 0
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [1, 2, 3]

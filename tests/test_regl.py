@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 import torch
 
-from app_runs import run_app
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.data import FederatedData, ImageDataset
 from fedlt_app.generative import synthetic as synthetic_module
@@ -30,6 +29,7 @@ from fedlt_app.generative.synthetic import (
     to_dataset_images,
     with_synthetic,
 )
+from in_process import run_in_process
 
 SKIP_REASON = 'diffusers is absent: synthetic-data=regl needs the optional extra (pip install -e ".[regl]")'
 STEPS = 2  # denoising steps: mechanics only
@@ -367,17 +367,17 @@ def test_the_clientapp_trains_on_real_and_synthetic_and_sends_only_the_model(
     assert metrics["num-examples"] == (len(real) + expected if count == "all" else len(real))
 
 
-# ---------------------------------------------------------------- end to end through Flower
+# ---------------------------------------------------------------- end to end through the real apps (in process)
 
 
-@pytest.mark.e2e
 def test_regl_end_to_end_joins_synthetic_images_to_the_clients_data(tiny_pipeline: Path, tmp_path: Path,
                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     cache = tmp_path / "cache"
-    code = run_app(tmp_path, monkeypatch,
-                   f"method='fedavg' synthetic-data='regl' regl-generator='{tiny_pipeline}' regl-cache-dir='{cache}' "
-                   f"regl-steps={STEPS} num-server-rounds=2 samples-per-class=12 imbalance-ratio=4.0 "
-                   f"dirichlet-alpha=0.3 output-dir='{tmp_path / 'out'}' run-name='regl'", num_clients=2)
+    code = run_in_process(tmp_path, monkeypatch,
+                          f"method='fedavg' synthetic-data='regl' regl-generator='{tiny_pipeline}' "
+                          f"regl-cache-dir='{cache}' "
+                          f"regl-steps={STEPS} num-server-rounds=2 samples-per-class=12 imbalance-ratio=4.0 "
+                          f"dirichlet-alpha=0.3 output-dir='{tmp_path / 'out'}' run-name='regl'", num_clients=2)
     assert code == 0
     run = tmp_path / "out" / "regl"
     config = json.loads((run / "config.json").read_text())

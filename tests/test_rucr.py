@@ -3,7 +3,7 @@
 Global prototypes are the pooled class means of the cohort's features and the norm-means the count-weighted
 mean of normalised client means; the balanced prototype loss; mixed features on the segment between a
 norm-mean and a normalised own feature; rectification only in the official last crt_ep + 1 rounds, from the
-trained classifier, averaged by sample count for evaluation only; one run through Flower's engine.
+trained classifier, averaged by sample count for evaluation only; one run through the real apps (in process).
 """
 
 from __future__ import annotations
@@ -17,13 +17,13 @@ import numpy as np
 import pytest
 import torch
 
-from app_runs import run_app
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods.base import ClientReport
 from fedlt_app.methods.decoupled import rucr
 from fedlt_app.methods.decoupled.rucr import (RUCRClient, RUCRServer, balanced_prototype_loss, class_means,
                                               mixed_features, normalised_means, unified_prototypes)
 from fedlt_app.precision import FP32
+from in_process import run_in_process
 from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
@@ -234,10 +234,9 @@ def test_class_means_of_an_empty_client_are_empty() -> None:
     assert payload["rucr-means"].shape == (0, D) and payload["rucr-classes"].size == 0
 
 
-@pytest.mark.e2e
-def test_rucr_runs_through_the_engine_with_the_statistics_query(tmp_path: Path,
+def test_rucr_runs_through_the_apps_with_the_statistics_query(tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    code = run_app(
+    code = run_in_process(
         tmp_path, monkeypatch,
         "method='rucr' num-server-rounds=2 samples-per-class=30 imbalance-ratio=10.0 rucr-crt-rounds=1 "
         "rucr-crt-epochs=2 rucr-crt-features-per-class=20 "

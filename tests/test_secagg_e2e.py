@@ -1,21 +1,23 @@
-"""secure-aggregation=secagg through Flower's real simulation engine: one client failing in training, RedGrape,
-GRAPE-LA, CReFF and FedNH (unweighted mean, per-class sums, the masked personalised accuracy)."""
+"""secure-aggregation=secagg end to end: one client failing in training through Flower's real simulation engine;
+RedGrape, GRAPE-LA, CReFF and FedNH (unweighted mean, per-class sums, the masked personalised accuracy) through
+the real apps in process (tests/in_process.py)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from app_runs import metrics_rows, run_app
+from in_process import run_in_process
 
-pytestmark = pytest.mark.e2e
 
-
-def secure_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int) -> list[dict]:
-    """A tiny 2-round secagg run through the engine, which must complete; its metrics rows."""
-    code = run_app(
+def secure_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int,
+                engine: Callable[..., int] = run_in_process) -> list[dict]:
+    """A tiny 2-round secagg run, which must complete; its metrics rows."""
+    code = engine(
         tmp_path, monkeypatch,
         f"secure-aggregation='secagg' num-server-rounds=2 samples-per-class=60 imbalance-ratio=10.0 {run_config} "
         f"output-dir='{tmp_path}' run-name='s'",
@@ -28,8 +30,10 @@ def secure_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_config: str
     return rows
 
 
+@pytest.mark.e2e
 def test_secagg_run_with_a_failing_client_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    rows = secure_rows(tmp_path, monkeypatch, "method='fedavg' debug-fail-partitions='1'", num_clients=4)
+    rows = secure_rows(tmp_path, monkeypatch, "method='fedavg' debug-fail-partitions='1'", num_clients=4,
+                       engine=run_app)
     assert all(r["failed_clients"] == [1] and r["accuracy"] > 0 for r in rows)
 
 

@@ -155,7 +155,7 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     log(INFO, "[fedlt-al] %s: %d cycles, %d labels per client per cycle (N_train %d, %d clients) -> %s",
         cfg.al_method, plan.num_cycles, plan.per_client, plan.n_train, num_clients, run_dir)
 
-    with RunRecorder(cfg, run_dir, info) as recorder:
+    with RunRecorder(cfg, run_dir, info, pictures=cfg.pictures) as recorder:
         started = time.perf_counter()
         answers = federation.ask(protocol.INIT, RecordDict({"config": ConfigRecord({"initial": plan.initial})}))
         sizes = _check_labeled(answers, plan.initial, protocol.INIT)

@@ -81,6 +81,13 @@ METHODS: dict[str, Method] = {
 }
 
 
+def keeps_client_state(name: str) -> bool:
+    """Whether method ``name`` keeps arrays on its clients between rounds (``ClientMethod.state_to_keep``: MOON's
+    previous models, Fed-GraB's controllers, FedLoGe's local heads). A run of such a method continued with
+    ``resume-from`` starts that state afresh, so it does not replay the uninterrupted run exactly."""
+    return get_method(name).client.state_to_keep is not ClientMethod.state_to_keep
+
+
 def get_method(name: str) -> Method:
     try:
         return METHODS[name]
@@ -88,4 +95,5 @@ def get_method(name: str) -> Method:
         raise ValueError(f"method: unknown method {name!r}; allowed: {', '.join(METHODS)}") from None
 
 
-__all__ = ["METHODS", "ClientMethod", "ClientReport", "Method", "Payload", "ServerMethod", "get_method"]
+__all__ = ["METHODS", "ClientMethod", "ClientReport", "Method", "Payload", "ServerMethod", "get_method",
+           "keeps_client_state"]

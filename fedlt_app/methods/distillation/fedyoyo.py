@@ -47,7 +47,6 @@ import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
-from torchvision.transforms import v2
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
@@ -128,6 +127,8 @@ def strong_view(raw: Tensor, dataset: str, generator: torch.Generator) -> Tensor
 
     Every draw comes from ``generator`` (torchvision's transforms use the global RNG, forked here).
     """
+    from torchvision.transforms import v2  # imported here: it pulls in torch._dynamo (seconds per process)
+
     _, _, height, width = raw.shape
     transform = v2.Compose([v2.RandomCrop((height, width), padding=CROP_PADDING), v2.RandomHorizontalFlip(),
                             v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10)])

@@ -1,0 +1,85 @@
+"""The real ServerApp and ClientApp in one process: a federation without Ray or a SuperLink.
+
+``run_in_process`` calls the ServerApp's ``main`` with a grid that hands every message to the ClientApp
+(``fedlt_app.client_app.app``, dispatched by message type as the engine does) and returns its reply; a
+handler's exception becomes an error reply, as in Flower. Everything fedlt does (discovery, the strategy,
+the methods' payloads, statistics queries, client state in ``context.state``, secure aggregation's query
+rounds, the recorder) runs as in a simulation; what is left out is only what Flower does around it
+(SuperLink, Ray actors, serialisation to the wire, separate processes). One run costs seconds instead of
+the engine's ~40 s of start-up, so the per-method wiring tests use it, and ``app_runs.run_app`` keeps the
+real engine for what depends on it (launcher, reproducibility across processes, resume, failures, TLS).
+
+Runs here are deterministic but not bit-identical to the engine's: server and clients share one
+process's global torch RNG.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from app_runs import without_pictures
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.config import parse_config_args
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedlt_app import client_app, server_app
+from fedlt_app.active import client as active_client
+
+FIRST_NODE = 1000
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def app_run_config(overrides: str) -> dict[str, Any]:
+    """What ``flwr run . --run-config OVERRIDES`` hands the apps: pyproject's defaults, then the overrides."""
+    defaults = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    return {**defaults, **parse_config_args([overrides] if overrides else None)}
+
+
+class InProcessGrid:
+    """A Flower ``Grid`` whose nodes are ClientApp contexts in this process."""
+
+    def __init__(self, run_config: Mapping[str, Any], num_clients: int) -> None:
+        self.contexts = {
+            FIRST_NODE + p: Context(run_id=1, node_id=FIRST_NODE + p,
+                                    node_config={"partition-id": p, "num-partitions": num_clients},
+                                    state=RecordDict(), run_config=dict(run_config))
+            for p in range(num_clients)
+        }
+        self.delivered: list[str] = []  # message types, in the order they were sent
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.contexts)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> list[Message]:
+        replies = []
+        for message in messages:
+            self.delivered.append(message.metadata.message_type)
+            try:
+                replies.append(client_app.app(message, self.contexts[message.metadata.dst_node_id]))
+            except Exception as err:  # noqa: BLE001 - the engine turns a failing handler into an error reply
+                replies.append(Message(Error(code=0, reason=f"{type(err).__name__}: {err}"), reply_to=message))
+        return replies
+
+
+def run_in_process(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int = 3) -> int:
+    """One run of the app in this process; ``app_runs.run_app``'s signature, so a test can switch engines.
+
+    Returns 0; a failing run raises (its traceback is the test's). ``tmp`` is unused (no Flower home).
+    Pictures are off unless ``run_config`` asks for them, as in ``run_app``.
+    """
+    del tmp
+    # Messages built outside a Flower run read the run's identity from here (the engine sets it).
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    # a fresh worker: no model cached by an earlier test's run (the caches' keys assume one run per process)
+    monkeypatch.setattr(client_app, "_MODELS", {})
+    monkeypatch.setattr(active_client, "_MODELS", {})
+    config = app_run_config(without_pictures(run_config))
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    server_app.main(InProcessGrid(config, num_clients), context)
+    return 0
