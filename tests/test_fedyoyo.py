@@ -20,6 +20,7 @@ import torch
 from app_runs import metrics_rows
 from in_process import run_in_process
 from test_baselines import C, federated, images_labels, linear_model, setup
+from torch import nn
 from torch.nn import functional as F
 
 from fedlt_app.config import resolve
@@ -39,6 +40,7 @@ from fedlt_app.methods.distillation.fedyoyo import (
     smoothed_effective_weights,
     strong_view,
 )
+from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import FP32
 from fedlt_app.train import train_locally
 
@@ -218,3 +220,24 @@ def test_fedyoyo_runs_through_the_apps_with_the_query_before_training(tmp_path: 
         assert 0 < row["fedyoyo_prior_min"] <= row["fedyoyo_prior_max"] < 1
         # the query before training travels too: the model goes down twice to each client
         assert row["parameters_down"] > 2 * row["parameters_up"] * 0.9
+
+
+def test_views_share_batch_statistics_on_batchnorm_models_and_dropout_masks_stay_paired_on_the_others() -> None:
+    cfg = resolve({"method": "fedyoyo"})
+    client = FedYoYoClient(cfg, C, {PRIOR: np.full(C, 1 / C, dtype=np.float32), ROUND: np.array([1])})
+    client.generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 1, 1, 4)
+    torch.manual_seed(0)
+    batchnorm = EncoderClassifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.BatchNorm1d(6), nn.ReLU()), 6, C)
+    batchnorm.train()
+    together = batchnorm(x)  # the authors' one forward: batch statistics over both views
+    torch.testing.assert_close(client.forward_views(batchnorm, x, 4), together)
+    assert not torch.allclose(torch.cat([batchnorm(x[:4]), batchnorm(x[4:])]), together)
+    dropout = EncoderClassifier(nn.Sequential(nn.Flatten(), nn.Linear(4, 6), nn.Dropout(0.5)), 6, C)
+    dropout.train()
+    torch.manual_seed(1)
+    alone = dropout(x[:4])  # FedAvg's forward of the shared view
+    after_fedavg = torch.get_rng_state()
+    torch.manual_seed(1)
+    both = client.forward_views(dropout, x, 4)
+    assert torch.equal(both[:4], alone) and torch.equal(torch.get_rng_state(), after_fedavg)

@@ -195,8 +195,25 @@ class FedYoYoClient(ClientMethod):
     def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor:
         gamma = self.cfg.fedyoyo_gamma
         self.prior = (1 - gamma) * self.prior + gamma * self.local_distribution  # once per step, as the authors
-        logits = adjusted_logits(model(x), self.prior, self.cfg.fedyoyo_tau)
+        logits = adjusted_logits(self.forward_views(model, x, len(y)), self.prior, self.cfg.fedyoyo_tau)
         return fedyoyo_loss(logits, y, self.cfg.fedyoyo_temperature, self.kd_weight)
+
+    def forward_views(self, model: EncoderClassifier, x: Tensor, n: int) -> Tensor:
+        """The logits of [weak; strong], as the authors' one forward of the concatenation, except on a model with
+        dropout (fedlt's ``cnn``, ``cnn-mcmahan``): there the shared view goes first, on the global RNG, so its
+        dropout masks (and the RNG the next batch finds) are FedAvg's, and the strong view follows on a fork
+        seeded from the method's stream. Those models have no batch statistics, so each row's logits depend only
+        on its own input and mask: the same computation, the masks paired. Models with BatchNorm
+        (``resnet56``, ``cnn4conv``) have no dropout and keep the one forward, so its batch statistics are the
+        authors' (both views together)."""
+        if not any(isinstance(m, torch.nn.Dropout) for m in model.modules()):
+            return model(x)
+        weak = model(x[:n])
+        device = x.device
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+            torch.manual_seed(int(torch.randint(0, 2**62, (1,), generator=self.generator)))
+            strong = model(x[n:])
+        return torch.cat([weak, strong])
 
     def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision,
                    generator: torch.Generator | None = None) -> Payload:
