@@ -377,6 +377,8 @@ SCHEMA: tuple[Option, ...] = (
     Option("al-reset-per-cycle", bool, True, "re-initialise the model at the start of every cycle"),
     Option("al-report-query-counts", bool, False,
            "clients report per-class counts of what they labeled (a label histogram; off by default)"),
+    Option("al-cycle-curve", bool, False,
+           "evaluate the global model after every round of each cycle and record the cycle's curve"),
     Option("fairfal-t", float, 0.5, "FairFAL's t in the query-model score", in_range_closed(0.0, 1.0)),
     Option("fairfal-global-threshold", float, 0.75, "global model for uncertainty when the score exceeds this"),
     Option("fairfal-gradnet-threshold", float, 0.5, "global model for gradient embeddings when r-bar is below this"),
@@ -557,6 +559,7 @@ class RunConfig:
     fl_rounds_per_cycle: int
     al_reset_per_cycle: bool
     al_report_query_counts: bool
+    al_cycle_curve: bool
     fairfal_t: float
     fairfal_global_threshold: float
     fairfal_gradnet_threshold: float

@@ -1,4 +1,5 @@
-"""FairFAL through the real ServerApp and ClientApp (in process): 3 clients, 3 small cycles, twice with one seed."""
+"""FairFAL through the real ServerApp and ClientApp (in process): 3 clients, 3 small cycles, twice with one seed
+(the second also recording each cycle's curve)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,13 @@ from in_process import run_in_process
 CLIENTS = 3
 BUDGET = 5  # round(335, -2) * 0.05 = 15 labels per cycle over 3 clients
 
-def _run(tmp: Path, name: str) -> list[dict]:
+ROUNDS_PER_CYCLE = 2
+
+
+def _run(tmp: Path, name: str, extra: str = "") -> list[dict]:
     run_config = (
-        "preset='fairfal-fmnist-lt' samples-per-class=100 al-end-ratio=0.15 fl-rounds-per-cycle=2 local-epochs=1 "
-        f"fairfal-local-epochs=5 output-dir='{tmp / 'out'}' run-name='{name}'"
+        f"preset='fairfal-fmnist-lt' samples-per-class=100 al-end-ratio=0.15 fl-rounds-per-cycle={ROUNDS_PER_CYCLE} "
+        f"local-epochs=1 fairfal-local-epochs=5 output-dir='{tmp / 'out'}' run-name='{name}' {extra}"
     )
     with pytest.MonkeyPatch.context() as monkeypatch:
         assert run_in_process(tmp, monkeypatch, run_config, num_clients=CLIENTS) == 0
@@ -28,7 +32,7 @@ def _run(tmp: Path, name: str) -> list[dict]:
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
     tmp = tmp_path_factory.mktemp("fairfal-e2e")
-    return _run(tmp, "a"), _run(tmp, "b")
+    return _run(tmp, "a"), _run(tmp, "b", "al-cycle-curve=true")
 
 
 def test_labeled_sets_grow_by_exactly_the_budget_and_stay_disjoint(two_runs: tuple[list[dict], list[dict]]) -> None:
@@ -57,3 +61,14 @@ def test_the_same_seed_gives_the_same_selections(two_runs: tuple[list[dict], lis
     assert [r["selection_digests"] for r in first] == [r["selection_digests"] for r in second]
     digests = [d for r in first for d in r["selection_digests"]]
     assert len(set(digests)) == len(digests)  # every client's set changes every cycle
+
+
+def test_the_cycle_curve_records_every_round_without_changing_the_run(
+        two_runs: tuple[list[dict], list[dict]]) -> None:
+    plain, curved = two_runs
+    assert not any("cycle_accuracy" in r for r in plain)  # off by default
+    for p, c in zip(plain, curved, strict=True):
+        assert len(c["cycle_accuracy"]) == len(c["cycle_tail_accuracy"]) == ROUNDS_PER_CYCLE
+        # the curve ends at the cycle's reported model, and evaluating every round changes no training
+        assert c["cycle_accuracy"][-1] == c["accuracy"] == p["accuracy"]
+        assert c["cycle_tail_accuracy"][-1] == c["tail_accuracy"]

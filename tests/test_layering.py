@@ -19,8 +19,9 @@ PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Experiment tooling: starts, sweeps and reports on runs from outside a federation.
 TOOLING = ("fedlt_app.sweep", "fedlt_app.report", "fedlt_app.launch")
-# Command-line runners that live next to federation code but are tooling themselves (compare runs launch.run).
-RUNNERS = ("fedlt_app.active.compare",)
+# Command-line runners that live next to federation code but are tooling themselves (compare runs launch.run,
+# plot reports on finished runs with report's convergence rule).
+RUNNERS = ("fedlt_app.active.compare", "fedlt_app.active.plot")
 # Everything else is federation code: the ServerApp, the ClientApp and what they build on (strategy, train,
 # methods, data, models, task, metrics, precision, results, active, ...), and new modules count by default.
 ENTRY_POINTS = ("fedlt_app.client_app", "fedlt_app.server_app")

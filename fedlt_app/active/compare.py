@@ -1,35 +1,58 @@
-"""FairFAL against random and entropy sampling: three runs of one preset, a table and a PNG.
+"""FairFAL against random and entropy sampling over several seeds: one run per method and seed, a table and a PNG.
 
-    python -m fedlt_app.active.compare --preset fairfal-fmnist-lt-cpu --num-clients 10 --out results/fairfal
+    python -m fedlt_app.active.compare --preset fairfal-fmnist-lt-cpu --seeds 0 1 2 --out results/fairfal
 
-Runs the preset once per ``al-method`` through the simulation engine
-(:func:`fedlt_app.launch.run`), each into ``<out>/<preset>-<method>/``; a run
-whose folder already holds a completed summary is kept, not rerun. Then writes
-``<out>/<preset>.png`` (accuracy against labeled ratio) and ``<out>/<preset>.md``
-(the same numbers as a table).
+Runs the preset once per ``al-method`` and seed through the simulation engine
+(:func:`fedlt_app.launch.run`), each into ``<out>/<preset>-<method>-seed<K>/``
+with ``seed=<K>`` in its run config; a run whose folder already holds a
+completed summary is kept, not rerun, so adding seeds later only runs the new
+ones. The order is seed-major (every method of seed 0, then of seed 1, ...), so
+a comparison stopped midway has whole seeds to compare. Then writes
+``<out>/<preset>.md`` (accuracy and tail accuracy per labeled ratio, mean ± std
+over seeds, paired differences against FairFAL) and ``<out>/<preset>.png`` from
+the completed runs of the seeds and methods asked for, also after a failed run.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import re
 import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from fedlt_app import launch
-from fedlt_app.active.plot import comparison_table, plot_curves
+from fedlt_app.active.plot import comparison_table, completed, plot_curves
 from fedlt_app.config import AL_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
+# Flower's key=value pattern (flwr.common.config.parse_config_args), without importing flwr for one check
+_OVERRIDE = re.compile(r"(\S+?)=(\'[^\']*\'|\"[^\"]*\"|\S+)")
 
 
-def completed(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
-    except (OSError, ValueError, KeyError):
-        return False
+def override_keys(run_config: str) -> set[str]:
+    """The keys a ``--run-config`` string sets, as Flower would read them."""
+    return {key for key, _ in _OVERRIDE.findall(run_config)}
+
+
+def plan(preset: str, methods: Sequence[str], seeds: Sequence[int], out: Path) -> list[tuple[int, str, Path]]:
+    """(seed, method, run folder) in run order: seed-major, so an interrupted comparison stops between seeds' sets."""
+    return [(seed, method, out / f"{preset}-{method}-seed{seed}") for seed in seeds for method in methods]
+
+
+def write_report(out: Path, preset: str, run_dirs: Sequence[Path]) -> None:
+    """``<preset>.md`` and ``<preset>.png`` from the completed runs among ``run_dirs`` (none: nothing to write)."""
+    if not any(completed(d) for d in run_dirs):
+        print("compare: no completed run; no table or plot written", flush=True)
+        return
+    png = plot_curves(run_dirs, out / f"{preset}.png", title=preset)
+    table = comparison_table(run_dirs)
+    (out / f"{preset}.md").write_text(
+        f"# {preset}\n\nAccuracy and tail accuracy (%) per target labeled ratio: mean ± sample std over seeds "
+        f"(completed runs only).\n\n{table}\n"
+    )
+    print(f"compare: {png}\n{table}", flush=True)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -41,31 +64,32 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--preset", default="fairfal-fmnist-lt-cpu")
     parser.add_argument("--num-clients", type=int, default=10)
     parser.add_argument("--out", type=Path, default=Path("results/fairfal"))
-    parser.add_argument("--run-config", default="", help="extra overrides for every run")
+    parser.add_argument("--run-config", default="", help="extra overrides for every run (not seed: use --seeds)")
     parser.add_argument("--methods", nargs="+", default=list(AL_METHODS), choices=AL_METHODS)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="K", help="seeds to run (default: 0)")
     args = parser.parse_args(argv)
+    if "seed" in override_keys(args.run_config):
+        parser.error("--run-config sets seed; give the seeds with --seeds instead")
+    out = args.out.resolve()
+    runs = plan(args.preset, list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.seeds)), out)
+    for _, _, run_dir in runs:  # before any run, not hours in
+        if run_dir.exists() and not completed(run_dir):
+            sys.exit(f"compare: {run_dir} holds an unfinished run; remove it to rerun")
     # SIGTERM unwinds like Ctrl-C, so each run's SuperLink is stopped (launch.run's finally)
     signal.signal(signal.SIGTERM, _interrupt)
-    out = args.out.resolve()
-    run_dirs = []
-    for method in args.methods:
-        run_dir = out / f"{args.preset}-{method}"
-        run_dirs.append(run_dir)
+    code = 0
+    for seed, method, run_dir in runs:
         if completed(run_dir):
             print(f"compare: {run_dir} is complete; kept", flush=True)
             continue
-        if run_dir.exists():
-            sys.exit(f"compare: {run_dir} holds an unfinished run; remove it to rerun")
-        run_config = (f"preset='{args.preset}' al-method='{method}' output-dir='{out}' "
+        run_config = (f"preset='{args.preset}' al-method='{method}' seed={seed} output-dir='{out}' "
                       f"run-name='{run_dir.name}' {args.run_config}")
         code = launch.run(ROOT, run_config, num_clients=args.num_clients, cpus=1, gpus=0.0, timeout=24 * 3600)
         if code != 0:
-            return code
-    png = plot_curves(run_dirs, out / f"{args.preset}.png", title=args.preset)
-    table = comparison_table(run_dirs)
-    (out / f"{args.preset}.md").write_text(f"# {args.preset}\n\nAccuracy (%) per labeled ratio.\n\n{table}\n")
-    print(f"compare: {png}\n{table}")
-    return 0
+            print(f"compare: {run_dir.name} failed (exit {code}); reporting the completed runs", flush=True)
+            break
+    write_report(out, args.preset, [run_dir for _, _, run_dir in runs])
+    return code
 
 
 if __name__ == "__main__":

@@ -10,13 +10,17 @@ Per cycle (FairFAL's main.py l.179-207), with cycle 0 labeled at random::
                the labeled sets only, then the test accuracy of the final global model.
 
 The query uses the global model at the end of the previous cycle. One line of
-metrics.jsonl per cycle: ``round`` is the cycle number (1-based).
+metrics.jsonl per cycle: ``round`` is the cycle number (1-based). With
+``al-cycle-curve`` the line also holds the cycle's curve (``cycle_accuracy``,
+``cycle_tail_accuracy``: the global model's test accuracy after each of its
+rounds), the measurement that shows whether ``fl-rounds-per-cycle`` lets every
+cycle's model converge.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from logging import INFO
 from typing import Any
@@ -35,7 +39,7 @@ from fedlt_app.configured_data import federated_data
 from fedlt_app.data import FederatedData, tail_classes
 from fedlt_app.discovery import discover_clients
 from fedlt_app.methods import get_method
-from fedlt_app.metrics import evaluate
+from fedlt_app.metrics import Evaluation, evaluate
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.records import content_nbytes
 from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
@@ -155,6 +159,10 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     log(INFO, "[fedlt-al] %s: %d cycles, %d labels per client per cycle (N_train %d, %d clients) -> %s",
         cfg.al_method, plan.num_cycles, plan.per_client, plan.n_train, num_clients, run_dir)
 
+    def evaluate_global(model: EncoderClassifier, strategy: CycleStrategy) -> Evaluation:
+        return evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels, cfg.dataset, tail,
+                        data.class_counts, precision=precision)
+
     with RunRecorder(cfg, run_dir, info, pictures=cfg.pictures) as recorder:
         started = time.perf_counter()
         answers = federation.ask(protocol.INIT, RecordDict({"config": ConfigRecord({"initial": plan.initial})}))
@@ -179,10 +187,10 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
                 query["query_seconds"] = time.perf_counter() - query_started
             digests = [int(m["selection-digest"]) for m in answers.values()]
 
-            model, strategy, previous = _train_cycle(grid, cfg, data, federation, cycle, rounds_done, previous, device)
+            model, strategy, previous, curve = _train_cycle(grid, cfg, data, federation, cycle, rounds_done, previous,
+                                                            device, evaluate_global if cfg.al_cycle_curve else None)
             rounds_done += cfg.fl_rounds_per_cycle
-            evaluation = evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels,
-                                  cfg.dataset, tail, data.class_counts, precision=precision)
+            evaluation = evaluate_global(model, strategy)
             record = {
                 "round": cycle + 1,
                 "cycle": cycle + 1,
@@ -201,6 +209,7 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
                 "failed_clients": strategy.failed,
                 "selection_digests": digests,
                 **query,
+                **curve,
             }
             recorder.log_round(record)
             log(INFO, "[fedlt-al] cycle %d/%d  labeled %.3f  accuracy %.4f  tail %.4f  (%.1f s)", cycle + 1,
@@ -223,8 +232,13 @@ def _train_cycle(
     rounds_before: int,
     previous: ArrayRecord | None,
     device: torch.device,
-) -> tuple[EncoderClassifier, CycleStrategy, ArrayRecord]:
-    """One cycle's federated training on the labeled sets; (global model, strategy, its arrays)."""
+    evaluate_round: Callable[[EncoderClassifier, CycleStrategy], Evaluation] | None = None,
+) -> tuple[EncoderClassifier, CycleStrategy, ArrayRecord, dict[str, list[float]]]:
+    """One cycle's federated training on the labeled sets; (global model, strategy, its arrays, its curve).
+
+    With ``evaluate_round`` the global model is evaluated after every round and the curve holds its
+    accuracy and tail accuracy per round (else the curve is empty).
+    """
     model = protocol.cycle_initial_model(cfg, data, cycle if cfg.al_reset_per_cycle else 0).to(device)
     if previous is not None and not cfg.al_reset_per_cycle:
         model.load_state_dict(previous.to_torch_state_dict())
@@ -238,15 +252,27 @@ def _train_cycle(
         max_failure_fraction=cfg.max_failure_fraction,
         rounds_before=rounds_before,
     )
+    curve: dict[str, list[float]] = {"cycle_accuracy": [], "cycle_tail_accuracy": []} if evaluate_round else {}
+
+    def evaluate_fn(_: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if evaluate_round is None or strategy.current is None:  # Flower's round-0 call: the initial model
+            return None
+        model.load_state_dict(arrays.to_torch_state_dict())
+        result = evaluate_round(model, strategy)
+        curve["cycle_accuracy"].append(result.accuracy)
+        curve["cycle_tail_accuracy"].append(result.tail_accuracy)
+        return MetricRecord({"accuracy": result.accuracy, "tail-accuracy": result.tail_accuracy})
+
     result = strategy.start(
         grid=grid,
         initial_arrays=ArrayRecord(model.state_dict()),
         num_rounds=cfg.fl_rounds_per_cycle,
         timeout=cfg.round_timeout,
         train_config=ConfigRecord({protocol.TRAIN_ON_LABELED: True}),
+        evaluate_fn=evaluate_fn if evaluate_round else None,
     )
     model.load_state_dict(result.arrays.to_torch_state_dict())
-    return model, strategy, result.arrays
+    return model, strategy, result.arrays, curve
 
 
 def _query(
