@@ -17,15 +17,16 @@ from omegaconf import OmegaConf
 
 from fedlt_app.generative.shortfall import TARGETS as REGL_TARGETS
 
-METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "climb", "creff", "ccvr", "rucr", "fedic",
-                "moon", "redgrape", "grape-la", "zero-shot-clip", "promptfl", "capt", "clip2fl", "fedetf", "fednh", "fedgrab",
-                "fedloge", "fedyoyo")
+METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "climb", "creff", "ccvr", "rucr",
+                "fedic", "moon", "redgrape", "grape-la", "zero-shot-clip", "promptfl", "capt", "clip2fl", "fedetf",
+                "fednh", "fedgrab", "fedloge", "fedyoyo")
 # Methods whose server needs only sums over a round's clients: the weighted model sum (fednh: unweighted,
-# ServerMethod.client_weighting), and for redgrape / grape-la / creff / fednh per-class sums and counts,
+# ServerMethod.client_weighting), for fedavg-la / grape-la the class counts, for redgrape / grape-la / creff /
+# fednh per-class sums and counts,
 # fedgrab its clients' summed PID weights (ServerMethod.sum_segments); fedetf / fednh's personalised
 # accuracy travels masked (the cohort's mean only).
-SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "ratio-loss", "redgrape", "grape-la", "creff", "fedetf",
-                  "fednh", "fedgrab")
+SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "redgrape", "grape-la", "creff",
+                  "fedetf", "fednh", "fedgrab")
 CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")  # need the clip extra and clip-weights (fedlt_app/clip)
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
@@ -267,6 +268,12 @@ SCHEMA: tuple[Option, ...] = (
            one_of("global", "local")),
     Option("grape-la-tau", float, 1.0, "GRAPE-LA: strength tau of the logit adjustment (0 = RedGrape exactly)",
            at_least(0.0)),
+    Option("fedavg-la-prior", str, "global",
+           "FedAvg-LA (fedlt's ablation of GRAPE-LA): the class prior in CE(z + tau*log prior): global (the "
+           "federation's, summed from client counts; a client's own in round 1) or local (the client's own)",
+           one_of("global", "local")),
+    Option("fedavg-la-tau", float, 1.0, "FedAvg-LA: strength tau of the logit adjustment (0 = FedAvg+CE exactly)",
+           at_least(0.0)),
     Option("clip-weights", str, "",
            "CLIP methods: local file of OpenAI-format CLIP weights, e.g. ViT-B-16.pt (never downloaded; README "
            "'CLIP methods')"),
@@ -502,6 +509,8 @@ class RunConfig:
     rebalance_step: str
     grape_la_prior: str
     grape_la_tau: float
+    fedavg_la_prior: str
+    fedavg_la_tau: float
     clip_weights: str
     promptfl_n_ctx: int
     capt_n_ctx: int

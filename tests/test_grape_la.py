@@ -126,7 +126,7 @@ def test_server_broadcasts_the_normalised_sum_of_every_rounds_counts(tmp_path: P
     np.testing.assert_allclose(server.broadcast(3, tiny_model())[PRIOR_KEY], np.array([6, 4, 1, 5]) / 16)
     restored = GrapeLAServer(cfg, tiny_model(), None)  # type: ignore[arg-type]
     restored.load_state_dict(server.state_dict())
-    np.testing.assert_array_equal(restored.count_total, server.count_total)
+    np.testing.assert_array_equal(restored.prior.count_total, server.prior.count_total)
     np.testing.assert_array_equal(restored.known, server.known)
 
 

@@ -41,9 +41,9 @@ from fedlt_app.discovery import discover_clients
 from fedlt_app.methods import get_method
 from fedlt_app.metrics import Evaluation, evaluate
 from fedlt_app.models import EncoderClassifier
+from fedlt_app.precision import precision_for
 from fedlt_app.records import content_nbytes
 from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
-from fedlt_app.precision import precision_for
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.task import resolve_device
 

@@ -220,8 +220,8 @@ def comparison_table(run_dirs: Sequence[Path]) -> str:
     lines += [monotonic_line(method, runs) for method, runs in groups.items()]
     plateaus = cycle_plateau_lines([run for runs in groups.values() for run in runs])
     if plateaus:
-        lines += ["", "Convergence within each cycle (`al-cycle-curve`; last-10 mean moves < 1 point for 10 more "
-                  "rounds):", "", *plateaus]
+        heading = "Convergence within each cycle (`al-cycle-curve`; last-10 mean moves < 1 point for 10 more rounds):"
+        lines += ["", heading, "", *plateaus]
     return "\n".join(lines)
 
 

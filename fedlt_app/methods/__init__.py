@@ -12,6 +12,7 @@ from fedlt_app.methods.loss.climb import ClimbClient, ClimbServer
 from fedlt_app.methods.decoupled.creff import CReFFClient, CReFFServer
 from fedlt_app.methods.fixed_classifier.fedetf import FedETFClient, FedETFServer, add_etf_classifier
 from fedlt_app.methods.loss.fedgrab import FedGraBClient, FedGraBServer
+from fedlt_app.methods.loss.fedavg_la import FedAvgLAClient, FedAvgLAServer
 from fedlt_app.methods.loss.fedlc import FedLCClient
 from fedlt_app.methods.fixed_classifier.fedloge import FedLoGeClient, FedLoGeServer, add_fedloge_heads
 from fedlt_app.methods.fixed_classifier.fednh import FedNHClient, FedNHServer, add_prototype_classifier
@@ -49,6 +50,8 @@ METHODS: dict[str, Method] = {
     "fedprox": Method(ClientMethod, ServerMethod),  # the proximal term lives in the shared loop (prox-mu)
     "focal": Method(FocalClient, ServerMethod),
     "fedlc": Method(FedLCClient, ServerMethod),
+    # fedlt's ablation of GRAPE-LA: one head, CE(z + τ·log π) with the federation's prior from summed counts
+    "fedavg-la": Method(FedAvgLAClient, FedAvgLAServer),
     "ratio-loss": Method(RatioLossClient, RatioLossServer),
     "climb": Method(ClimbClient, ClimbServer),
     "creff": Method(CReFFClient, CReFFServer),

@@ -43,29 +43,23 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn import functional as F
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
 from fedlt_app.methods.base import Payload, SumSpec
+from fedlt_app.methods.class_prior import (
+    COUNTS_KEY,
+    PRIOR_KEY,
+    FederationPrior,
+    adjusted_loss,
+    label_counts,
+    log_prior_adjustment,
+    training_prior,
+)
 from fedlt_app.methods.decoupled.redgrape import RedGrapeClient, RedGrapeServer, two_head_logits
 from fedlt_app.models import EncoderClassifier
 
-PRIOR_KEY = "class-prior"
-COUNTS_KEY = "class-counts"
-
-
-def log_prior_adjustment(prior: Tensor, tau: float) -> Tensor:
-    """τ·log π per class (−∞ where π = 0; all zeros when τ = 0)."""
-    prior = prior.double()
-    if tau == 0:
-        return torch.zeros_like(prior, dtype=torch.float32)
-    return (tau * torch.log(prior / prior.sum())).float()
-
-
-def adjusted_loss(logits: Tensor, targets: Tensor, adjustment: Tensor) -> Tensor:
-    """The logit-adjusted cross-entropy: CE(z + τ·log π, y)."""
-    return F.cross_entropy(logits + adjustment.to(logits.device, logits.dtype), targets)
+__all__ = ["COUNTS_KEY", "PRIOR_KEY", "GrapeLAClient", "GrapeLAServer", "adjusted_loss", "log_prior_adjustment"]
 
 
 class GrapeLAClient(RedGrapeClient):
@@ -73,11 +67,8 @@ class GrapeLAClient(RedGrapeClient):
 
     def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> None:
         super().begin(model, images, labels, generator)
-        self._counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=self.num_classes)
-        if self.cfg.grape_la_prior == "global" and PRIOR_KEY in self.payload:
-            prior = torch.from_numpy(np.asarray(self.payload[PRIOR_KEY], dtype=np.float64))
-        else:  # `local`, or round 1 before the server knows the global prior
-            prior = self._counts.double()
+        self._counts = label_counts(labels, self.num_classes)
+        prior = training_prior(self.payload, self._counts, self.cfg.grape_la_prior)
         self._adjustment = log_prior_adjustment(prior, self.cfg.grape_la_tau).to(next(model.parameters()).device)
 
     def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor:
@@ -91,16 +82,16 @@ class GrapeLAClient(RedGrapeClient):
 
 
 class GrapeLAServer(RedGrapeServer):
-    """RedGrape's prototype store plus the running sum of the clients' class counts."""
+    """RedGrape's prototype store plus the federation's prior (``class_prior.FederationPrior``)."""
 
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         super().__init__(cfg, model, data)
-        self.count_total = np.zeros(self.num_classes, dtype=np.int64)
+        self.prior = FederationPrior(self.num_classes)
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         payload = super().broadcast(server_round, global_model)
-        if self.cfg.grape_la_prior == "global" and self.count_total.sum() > 0:
-            payload[PRIOR_KEY] = self.count_total / self.count_total.sum()
+        if self.cfg.grape_la_prior == "global":
+            payload.update(self.prior.payload())
         return payload
 
     def summands_of(self, report: Payload) -> Payload:
@@ -108,21 +99,16 @@ class GrapeLAServer(RedGrapeServer):
 
     def sum_segments(self) -> dict[str, SumSpec]:
         """RedGrape's, plus the cohort's class counts (exact)."""
-        return {**super().sum_segments(), COUNTS_KEY: SumSpec((self.num_classes,), exact=True)}
+        return {**super().sum_segments(), **self.prior.sum_segments()}
 
     def absorb_sums(self, server_round: int, sums: Payload) -> None:
-        """Prototypes as RedGrape; class counts summed over every round's cohort.
-
-        With full participation every round adds the same vector, so the prior
-        is exact from round 2 on; with sampled cohorts the running total is an
-        unbiased estimate of the federation's class distribution.
-        """
+        """Prototypes as RedGrape; class counts added to the federation's running total."""
         super().absorb_sums(server_round, sums)
-        self.count_total += np.asarray(sums[COUNTS_KEY], dtype=np.int64)
+        self.prior.add(sums[COUNTS_KEY])
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {**super().state_dict(), "count_total": self.count_total}
+        return {**super().state_dict(), **self.prior.state_dict()}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         super().load_state_dict(state)
-        self.count_total = np.asarray(state["count_total"], dtype=np.int64)
+        self.prior.load_state_dict(state)

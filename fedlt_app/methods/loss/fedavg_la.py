@@ -1,0 +1,88 @@
+"""FedAvg-LA: FedAvg with logit adjustment by the federation's class prior (fedlt's own ablation).
+
+Not a published method: GRAPE-LA (``methods/decoupled/grape_la.py``) without RedGrape. One head, no
+supplementary classifier, no prototypes, no re-balancing step; each client trains on::
+
+    loss = CE(z + τ·log π, y)        inference: argmax z (unchanged)
+
+with π the federation's class distribution (``fedavg-la-prior=global``: the server sums the clients'
+reported class counts and broadcasts the normalised running total, ``class_prior.FederationPrior``; a
+client's own counts in round 1) or the client's own (``local``: a balanced softmax per client, classes it
+lacks leave its softmax). The server is plain FedAvg.
+
+Why it exists. On the converged protocol GRAPE-LA at λ 0 (its two heads and the adjustment, no
+re-balancing) matched RedGrape and GRAPE-LA to a fraction of a point, which says the adjustment by the
+federation's prior does the work. This method is that claim's test: if it matches them, the prior is all
+that matters and the two heads and the prototype exchange can go; what is left is what a new method must
+beat. Summed over clients, the global-prior losses are the centralised logit-adjusted loss on all the
+data, whose minimiser is the balanced classifier; FedLC's local counts give each client a different target
+(its n^(−1/4) margins), FedLTLib's FedLC variant a global n^(−1/4) margin rather than log π.
+
+What travels beyond FedAvg: C class counts up (exact integers, so secure aggregation carries them as a
+sum) and C prior values down. ``fedavg-la-tau`` = 0 is FedAvg+CE exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fedlt_app.config import RunConfig
+from fedlt_app.data import FederatedData
+from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
+from fedlt_app.methods.class_prior import (
+    COUNTS_KEY,
+    FederationPrior,
+    adjusted_loss,
+    label_counts,
+    log_prior_adjustment,
+    training_prior,
+)
+from fedlt_app.models import EncoderClassifier
+
+
+class FedAvgLAClient(ClientMethod):
+    """Logit-adjusted cross-entropy by the prior ``fedavg-la-prior`` names; reports the client's class counts."""
+
+    def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> None:
+        self._counts = label_counts(labels, self.num_classes)
+        prior = training_prior(self.payload, self._counts, self.cfg.fedavg_la_prior)
+        self._adjustment = log_prior_adjustment(prior, self.cfg.fedavg_la_tau).to(next(model.parameters()).device)
+
+    def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor:
+        return adjusted_loss(model(x), y, self._adjustment)
+
+    def report(self) -> Payload:
+        return {COUNTS_KEY: self._counts.numpy().astype(np.int64)}
+
+    def summands(self) -> Payload:
+        return self.report()
+
+
+class FedAvgLAServer(ServerMethod):
+    """Weighted averaging plus the federation's prior, broadcast every round (``global``)."""
+
+    def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
+        super().__init__(cfg, model, data)
+        self.prior = FederationPrior(self.num_classes)
+
+    def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
+        return self.prior.payload() if self.cfg.fedavg_la_prior == "global" else {}
+
+    def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
+        """The round's counts summed: the very sum secure aggregation would reveal."""
+        if reports:
+            self.prior.add(sum(np.asarray(r.payload[COUNTS_KEY], dtype=np.int64) for r in reports))
+
+    def sum_segments(self) -> dict[str, SumSpec]:
+        return self.prior.sum_segments()
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
+        self.prior.add(sums[COUNTS_KEY])
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.prior.state_dict()
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.prior.load_state_dict(state)
