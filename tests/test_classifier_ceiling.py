@@ -1,0 +1,54 @@
+"""benchmarks/classifier_ceiling.py: its probes on a hand-built case and on a real run's checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from in_process import run_in_process
+
+ROOT = Path(__file__).resolve().parent.parent
+_spec = importlib.util.spec_from_file_location("classifier_ceiling", ROOT / "benchmarks" / "classifier_ceiling.py")
+assert _spec is not None and _spec.loader is not None
+ceiling_module = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(ceiling_module)
+
+
+def two_overlapping_classes(n0: int, n1: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """1-D Gaussians at -1 and +1 (std 1): the balanced error's best threshold is 0, whatever n0 and n1."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.cat([torch.randn(n0, 1, generator=g) - 1, torch.randn(n1, 1, generator=g) + 1])
+    return x, torch.cat([torch.zeros(n0, dtype=torch.long), torch.ones(n1, dtype=torch.long)])
+
+
+def test_balanced_head_puts_the_threshold_where_the_balanced_error_wants_it() -> None:
+    # 100:1 imbalance; plain cross-entropy would move the threshold ~log(100)/2 = 2.3 std into the rare class
+    features, labels = two_overlapping_classes(5000, 50, seed=0)
+    head = ceiling_module.train_linear_head(features, labels, num_classes=2, seed=0, weight_decay=0.0)
+    head.requires_grad_(False)
+    threshold = float(-(head.bias[1] - head.bias[0]) / (head.weight[1, 0] - head.weight[0, 0]))
+    assert abs(threshold) < 0.35
+    test_x, test_y = two_overlapping_classes(2000, 2000, seed=1)
+    result = ceiling_module.accuracies(head(test_x), test_y, tail=[1], num_classes=2)
+    rare, frequent = result["per_class_accuracy"][1], result["per_class_accuracy"][0]
+    assert rare > 0.75 and frequent > 0.75 and result["tail_accuracy"] == rare
+
+
+def test_global_head_probe_reproduces_the_runs_final_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    method = "redgrape"  # a model with a second head (Ŵ): the checkpoint must load into the method's own model
+    out = tmp_path / "out"
+    run_in_process(tmp_path, monkeypatch, f"method='{method}' num-server-rounds=2 samples-per-class=60 "
+                   f"imbalance-ratio=10.0 checkpoint-every=1 output-dir='{out}' run-name='r'", num_clients=2)
+    run_dir = out / "r"
+    final = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    report = ceiling_module.ceiling(run_dir, oracle_per_class=60)
+    assert report["round"] == 2 and report["method"] == method
+    assert report["probes"]["global head"]["accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)
+    assert report["probes"]["global head"]["per_class_accuracy"] == pytest.approx(final["per_class_accuracy"], abs=1e-6)
+    for probe in ceiling_module.PROBES:
+        assert 0.0 <= report["probes"][probe]["accuracy"] <= 1.0
+    text = ceiling_module.markdown([report])
+    assert "| r | 2 |" in text and "oracle re-train" in text
