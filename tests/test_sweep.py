@@ -110,6 +110,17 @@ def test_every_sweep_file_validates(path: Path) -> None:
     assert all(set(c.run_config) == set(defaults()) for c in cells)  # every key resolved
 
 
+def test_the_converged_queue_names_every_unfinished_cell_once() -> None:
+    """scripts/sweep_queue.sh's order file: a setting added to the sweep must be queued, a typo must not be."""
+    spec = sweep.load_spec(ROOT / "conf" / "sweeps" / "converged-fmnist-ir100.yaml")
+    runs = ROOT / "results" / "converged-fmnist-ir100" / "runs"
+    cells = {(c.coords["setting"], c.seed): sweep.cell_state(runs, c.name).status for c in sweep.expand(spec)}
+    lines = (ROOT / "conf" / "sweeps" / "converged-fmnist-ir100.queue").read_text().splitlines()
+    queued = [(line.split()[0], int(line.split()[1])) for line in lines if line.strip() and not line.startswith("#")]
+    assert len(queued) == len(set(queued)) and set(queued) <= set(cells)
+    assert {cell for cell, status in cells.items() if status != "completed"} <= set(queued)
+
+
 def test_cpu_protocol_is_the_briefed_grid() -> None:
     spec = sweep.load_spec(ROOT / "conf" / "sweeps" / "cpu-fmnist-ir100.yaml")
     cells = sweep.expand(spec)
