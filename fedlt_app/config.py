@@ -129,6 +129,8 @@ SCHEMA: tuple[Option, ...] = (
     Option("local-lr", float, 0.05, "client SGD learning rate", at_least(0.0, strict=True)),
     Option("momentum", float, 0.9, "client SGD momentum", in_range(0.0, 1.0)),
     Option("grad-clip", float, 1.0, "global gradient-norm clip per step (0 = off)", at_least(0.0)),
+    Option("weight-decay", float, 0.0, "L2 weight decay of the local SGD, as torch.optim.SGD's weight_decay "
+           "(0 = none, fedlt's protocols; FedLTLib's shared optimiser uses 1e-5)", at_least(0.0)),
     Option("prox-mu", float, 0.0, "FedProx proximal coefficient mu", at_least(0.0)),
     Option("server-lr", float, 1.0, "server learning rate on the averaged update", at_least(0.0, strict=True)),
     Option("server-opt", str, "fedavg", "server optimizer on the averaged update (Flower's FedAvgM / FedAdam)",
@@ -446,6 +448,7 @@ class RunConfig:
     local_lr: float
     momentum: float
     grad_clip: float
+    weight_decay: float
     prox_mu: float
     server_lr: float
     server_opt: str

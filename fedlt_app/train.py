@@ -54,12 +54,13 @@ class LocalTraining:
     prox_mu: float
     dataset: str
     precision: str = "fp32"
+    weight_decay: float = 0.0  # SGD's own L2 term, added to the gradient after clipping (as FedLTLib's optimiser)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> LocalTraining:
         """The local training a run's config asks for (the app and the plain-loop benchmark must agree)."""
         return cls(cfg.local_epochs, cfg.batch_size, cfg.local_lr, cfg.momentum, cfg.grad_clip, cfg.prox_mu,
-                   cfg.dataset, cfg.precision)
+                   cfg.dataset, cfg.precision, cfg.weight_decay)
 
 
 @dataclass(frozen=True)
@@ -142,7 +143,7 @@ def train_locally(
     precision = precision_for(setup.precision, device)
     scaler = precision.grad_scaler()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=setup.lr, momentum=setup.momentum)
+    optimizer = torch.optim.SGD(params, lr=setup.lr, momentum=setup.momentum, weight_decay=setup.weight_decay)
     anchor = [p.detach().clone() for p in params] if setup.prox_mu > 0 else []
     with precision.autocast(), hook_rng.active():
         method.begin(model, images, labels, method_generator)

@@ -760,6 +760,32 @@ def test_fedprox_local_steps_add_mu_times_the_drift_from_the_received_model(mome
     assert not np.allclose(np_head(plain)[0], got[0], atol=1e-4)
 
 
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_weight_decay_adds_its_multiple_of_the_weights_to_every_local_gradient(momentum: float) -> None:
+    images, labels = images_labels([5, 3, 4], seed=21)
+    lr, wd = 0.5, 0.03
+    cfg = resolve({"method": "fedavg", "weight-decay": wd})
+    assert LocalTraining.from_config(cfg).weight_decay == wd
+    model = linear_model(seed=22)
+    train_locally(model, images, labels, ClientMethod(cfg, C, {}), setup(lr=lr, epochs=2, momentum=momentum,
+                                                                          weight_decay=wd),
+                  torch.Generator().manual_seed(0))
+    h, y = features_of(images), labels.numpy()
+    theta = list(np_head(linear_model(seed=22)))
+    buffers = [np.zeros_like(x) for x in theta]
+    for step in range(2):  # SGD: g + wd·θ, then momentum, then the step
+        grads = np_ce_grads(h, y, *theta)
+        for i in range(2):
+            g = grads[i] + wd * theta[i]
+            buffers[i] = g if step == 0 else momentum * buffers[i] + g
+            theta[i] = theta[i] - lr * buffers[i]
+    got = np_head(model)
+    np.testing.assert_allclose(got[0], theta[0], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1], theta[1], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ConfigError, match="weight-decay"):
+        resolve({"weight-decay": -1e-4})
+
+
 def test_fedprox_trains_a_model_with_a_frozen_parameter() -> None:
     images, labels = images_labels([3, 3, 3])
     model = linear_model()

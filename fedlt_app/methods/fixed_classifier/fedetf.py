@@ -140,7 +140,7 @@ def fine_tune(model: EncoderClassifier, images: Tensor, labels: Tensor, cfg: Run
         for params, lr, momentum in steps:
             _train_only(personal, params)
             setup = LocalTraining(cfg.fedetf_finetune_epochs, cfg.batch_size, lr, momentum, cfg.grad_clip, 0.0,
-                                  cfg.dataset, cfg.precision)
+                                  cfg.dataset, cfg.precision, cfg.weight_decay)
             train_locally(personal, images, labels, cross_entropy, setup, generator)
     _train_only(personal, [])
     return personal.eval()

@@ -64,7 +64,7 @@ Disagreements and flaws, and what this module does:
   official code (and this module) uses cross-entropy over the two logits
   [a, b], the numerically stable form of the same value.
 * Not copied from the official recipe, because fedlt's shared loop applies
-  to every method alike: weight decay 1e-5 (fedlt has none), no gradient
+  to every method alike: weight decay 1e-5 (fedlt's ``weight-decay`` key, 0 by default), no gradient
   clipping (fedlt clips at ``grad-clip``), and a previous-model buffer
   longer than one (``--model_buffer_size``, default 1).
 """
