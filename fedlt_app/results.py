@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -15,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from fedlt_app.config import ConfigError, RunConfig
 
@@ -57,6 +59,30 @@ def federation_info(num_clients: int, class_counts: Sequence[int], client_indice
         "client_class_counts": client_class_counts(client_indices, labels, len(class_counts)),
         "tail_classes": tail,
         "flower_run_id": run_id,
+        "server_machine": machine_info(),
+    }
+
+
+def machine_info() -> dict[str, Any]:
+    """The server process's machine: what decides float rounding, so two runs' digits can be compared.
+
+    fp32 runs replay to the digit on machines whose CPUs pick the same kernels; an AVX2-only CPU and an
+    AVX-512 one differ in the 7th digit of the first round's loss, and training amplifies that (README
+    "Converged results"). In a simulation every client runs on this machine too.
+    """
+    cpu = platform.processor() or platform.machine()
+    try:
+        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),  # the kernels torch dispatches to: AVX2, AVX512...
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
 
 

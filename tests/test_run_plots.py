@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from fedlt_app import run_plots
 from fedlt_app.config import resolve
@@ -37,6 +38,9 @@ def test_client_class_counts_sum_to_the_long_tailed_class_counts(partition: str)
     assert matrix.sum(axis=0).tolist() == list(data.class_counts) == longtail_counts([100] * 10, "exp", 10.0)
     assert matrix.sum(axis=1).tolist() == info["client_sizes"]
     assert all(isinstance(v, int) for row in info["client_class_counts"] for v in row)  # JSON-ready
+    # the machine whose kernels decided the run's float rounding
+    assert info["server_machine"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert info["server_machine"]["torch"] == torch.__version__ and info["server_machine"]["cpu"]
     json.dumps(info)
 
 
