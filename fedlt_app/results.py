@@ -66,9 +66,9 @@ def federation_info(num_clients: int, class_counts: Sequence[int], client_indice
 def machine_info() -> dict[str, Any]:
     """The server process's machine: what decides float rounding, so two runs' digits can be compared.
 
-    fp32 runs replay to the digit on machines whose CPUs pick the same kernels; an AVX2-only CPU and an
-    AVX-512 one differ in the 7th digit of the first round's loss, and training amplifies that (README
-    "Converged results"). In a simulation every client runs on this machine too.
+    fp32 runs replay to the digit on machines whose CPUs pick the same kernels; on another CPU the first
+    round's loss can differ in the 7th digit, and training amplifies that (README "Converged results").
+    In a simulation every client runs on this machine too.
     """
     cpu = platform.processor() or platform.machine()
     try:
