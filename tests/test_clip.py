@@ -82,9 +82,11 @@ def test_real_loader_reads_the_tiny_archive_exactly(tiny_clip: tuple) -> None:
     tokens = torch.randint(1, 49000, (2, 77))
     theirs = original.state_dict()
     assert all(torch.equal(v, theirs[k]) for k, v in loaded.state_dict().items())
-    with torch.no_grad():  # same weights; the rebuilt module may take another (equally exact) kernel path
-        torch.testing.assert_close(loaded.encode_image(images), original.encode_image(images), atol=1e-6, rtol=1e-6)
-        torch.testing.assert_close(loaded.encode_text(tokens), original.encode_text(tokens), atol=1e-6, rtol=1e-6)
+    # same weights; the rebuilt module may take another kernel path (on an AVX2-only CPU the text tower's outputs
+    # differed by 1.5e-6): float32 rounding, four orders below what a wrong weight or layer would change
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encode_image(images), original.encode_image(images), atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(loaded.encode_text(tokens), original.encode_text(tokens), atol=1e-5, rtol=1e-4)
 
 
 def test_grey_input_becomes_three_normalised_channels_at_the_towers_size(tiny_clip: tuple) -> None:
