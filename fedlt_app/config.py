@@ -131,6 +131,9 @@ SCHEMA: tuple[Option, ...] = (
     Option("grad-clip", float, 1.0, "global gradient-norm clip per step (0 = off)", at_least(0.0)),
     Option("weight-decay", float, 0.0, "L2 weight decay of the local SGD, as torch.optim.SGD's weight_decay "
            "(0 = none, fedlt's protocols; FedLTLib's shared optimiser uses 1e-5)", at_least(0.0)),
+    Option("augment", str, "authors", "training-time augmentation: authors (the papers' pipelines: CIFAR crop + "
+           "flip + Cutout, MNIST-type none) or crop-flip (fedlt's, Fashion-MNIST: RandomCrop(28, padding 2) + "
+           "horizontal flip; CIFAR as authors)", one_of("authors", "crop-flip")),
     Option("prox-mu", float, 0.0, "FedProx proximal coefficient mu", at_least(0.0)),
     Option("server-lr", float, 1.0, "server learning rate on the averaged update", at_least(0.0, strict=True)),
     Option("server-opt", str, "fedavg", "server optimizer on the averaged update (Flower's FedAvgM / FedAdam)",
@@ -449,6 +452,7 @@ class RunConfig:
     momentum: float
     grad_clip: float
     weight_decay: float
+    augment: str
     prox_mu: float
     server_lr: float
     server_opt: str
@@ -697,6 +701,9 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
     if values["rucr_mixup_low"] > values["rucr_mixup_high"]:
         raise ConfigError(f"rucr-mixup-low: must be <= rucr-mixup-high={values['rucr_mixup_high']} "
                           f"(got {values['rucr_mixup_low']})")
+    if values["augment"] == "crop-flip" and values["dataset"] in ("mnist", "femnist"):
+        raise ConfigError(f"augment: 'crop-flip' mirrors images, which turns {values['dataset']}'s digits or letters "
+                          "into other glyphs; use augment='authors' (no augmentation, as the authors) or dataset=fmnist")
     if values["dataset"] == "femnist" and values["partition"] != "writers":
         raise ConfigError(
             f"partition: dataset 'femnist' has natural clients (its writers); use partition=writers "

@@ -55,12 +55,13 @@ class LocalTraining:
     dataset: str
     precision: str = "fp32"
     weight_decay: float = 0.0  # SGD's own L2 term, added to the gradient after clipping (as FedLTLib's optimiser)
+    augment: str = "authors"  # the run's augment key (fedlt_app.data.transforms.augment's policy)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> LocalTraining:
         """The local training a run's config asks for (the app and the plain-loop benchmark must agree)."""
         return cls(cfg.local_epochs, cfg.batch_size, cfg.local_lr, cfg.momentum, cfg.grad_clip, cfg.prox_mu,
-                   cfg.dataset, cfg.precision, cfg.weight_decay)
+                   cfg.dataset, cfg.precision, cfg.weight_decay, cfg.augment)
 
 
 @dataclass(frozen=True)
@@ -153,7 +154,7 @@ def train_locally(
         order = torch.randperm(len(labels), generator=generator)
         for batch in order.split(setup.batch_size):
             raw = images[batch].to(device, non_blocking=True)
-            x = augment(raw, setup.dataset, generator)
+            x = augment(raw, setup.dataset, generator, setup.augment)
             with hook_rng.active():  # the shared view, or more views of these images (FedYoYo's strong one)
                 x = method.batch_input(raw, x)
             y = labels[batch].to(device, non_blocking=True)

@@ -34,10 +34,11 @@ from fedlt_app.methods.loss.ratio_loss import (
     dominant_entries,
     ratio_loss_weights,
 )
-from fedlt_app.models import EncoderClassifier
+from fedlt_app.models import EncoderClassifier, build_model
 from fedlt_app.precision import FP32
 from fedlt_app.records import payload_to_record, record_to_payload
 from fedlt_app.strategy import METHOD_KEY, FedLTStrategy, server_optimizer
+from fedlt_app import train as train_module
 from fedlt_app.train import LocalTraining, proximal_term, train_locally
 
 C, D = 3, 4  # classes; pixels of a (1, 1, D) image = feature width of the linear toy model
@@ -784,6 +785,32 @@ def test_weight_decay_adds_its_multiple_of_the_weights_to_every_local_gradient(m
     np.testing.assert_allclose(got[1], theta[1], rtol=1e-5, atol=1e-6)
     with pytest.raises(ConfigError, match="weight-decay"):
         resolve({"weight-decay": -1e-4})
+
+
+def test_augment_key_reaches_the_shared_loop_and_refuses_flipped_glyphs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """augment='crop-flip' is what the shared loop's batches go through; mnist/femnist refuse it by name."""
+    cfg = resolve({"method": "fedavg", "augment": "crop-flip"})
+    assert LocalTraining.from_config(cfg).augment == "crop-flip"
+    assert LocalTraining.from_config(resolve({"method": "fedavg"})).augment == "authors"
+    seen: list[str] = []
+    real = train_module.augment
+
+    def spy(images: torch.Tensor, dataset: str, generator: torch.Generator | None, policy: str = "authors"):
+        seen.append(policy)
+        return real(images, dataset, generator, policy)
+
+    monkeypatch.setattr(train_module, "augment", spy)
+    images = torch.randint(0, 256, (10, 1, 28, 28), dtype=torch.uint8, generator=torch.Generator().manual_seed(3))
+    labels = torch.tensor([0, 1, 2] * 3 + [0])
+    model = build_model("cnn", 3, 1, 28)
+    train_locally(model, images, labels, ClientMethod(cfg, 3, {}), LocalTraining.from_config(cfg),
+                  torch.Generator().manual_seed(0))
+    assert seen and set(seen) == {"crop-flip"}
+    for dataset, partition in (("mnist", "dirichlet"), ("femnist", "writers")):
+        with pytest.raises(ConfigError, match="augment: 'crop-flip'"):
+            resolve({"dataset": dataset, "partition": partition, "augment": "crop-flip"})
+    with pytest.raises(ConfigError, match="augment"):
+        resolve({"augment": "mixup"})
 
 
 def test_fedprox_trains_a_model_with_a_frozen_parameter() -> None:

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from fedlt_app.data import augment, to_float
-from fedlt_app.data.transforms import CROP_PADDING, CUTOUT_SIZE
+from fedlt_app.data.transforms import CROP_FLIP, CROP_PADDING, CUTOUT_SIZE, GRAYSCALE_CROP_PADDING
 
 CIFAR10_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
 CIFAR10_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
@@ -147,3 +147,34 @@ def test_rejects_bad_input() -> None:
         to_float(torch.zeros(2, 3, 32, 32), "cifar10")
     with pytest.raises(ValueError, match="dataset"):
         augment(_random_batch(2), "svhn", None)
+
+
+def test_crop_flip_on_fashion_mnist_matches_per_sample_reference() -> None:
+    """augment='crop-flip': RandomCrop(28, padding 2) + flip, replayed sample by sample; no Cutout, no Normalize."""
+    images = _random_batch(64, channels=1, size=28, seed=4)
+    out = augment(images, "fmnist", _gen(12), CROP_FLIP)
+    replay = _gen(12)
+    n, pad = images.shape[0], GRAYSCALE_CROP_PADDING
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=replay)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=replay)
+    flip = torch.rand(n, generator=replay) < 0.5
+    assert flip.any() and (~flip).any() and (oy != pad).any()
+    for i in range(n):
+        padded = torch.nn.functional.pad(images[i], (pad,) * 4)
+        crop = padded[:, int(oy[i]) : int(oy[i]) + 28, int(ox[i]) : int(ox[i]) + 28]
+        expected = (crop.flip(-1) if flip[i] else crop).float() / 255.0
+        assert torch.equal(out[i], expected), i
+    # The authors' pipeline (the default) leaves Fashion-MNIST as ToTensor and draws nothing.
+    generator = _gen(12)
+    assert torch.equal(augment(images, "fmnist", generator), to_float(images, "fmnist"))
+    assert torch.equal(torch.rand(3, generator=generator), torch.rand(3, generator=_gen(12)))
+
+
+def test_crop_flip_keeps_cifar_on_the_authors_pipeline_and_refuses_glyphs() -> None:
+    images = _random_batch(8)
+    assert torch.equal(augment(images, "cifar10", _gen(3), CROP_FLIP), augment(images, "cifar10", _gen(3)))
+    for dataset in ("mnist", "femnist"):
+        with pytest.raises(ValueError, match="augment: 'crop-flip'"):
+            augment(_random_batch(2, channels=1, size=28), dataset, None, CROP_FLIP)
+    with pytest.raises(ValueError, match="augment: unknown"):
+        augment(images, "cifar10", None, "mixup")

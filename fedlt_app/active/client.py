@@ -105,6 +105,7 @@ def _local_only_setup(cfg: RunConfig) -> LocalOnlySetup:
         lr=cfg.local_lr,
         momentum=cfg.momentum,
         dataset=cfg.dataset,
+        augment=cfg.augment,
     )
 
 

@@ -34,6 +34,7 @@ class LocalOnlySetup:
     lr: float = 0.01
     momentum: float = 0.9
     dataset: str = "fmnist"
+    augment: str = "authors"  # the run's augment key
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ def train_local_only(
         model.train()
         order = torch.randperm(len(labels), generator=generator)
         for batch in order.split(setup.batch_size):
-            x = augment(images[batch].to(device), setup.dataset, generator)
+            x = augment(images[batch].to(device), setup.dataset, generator, setup.augment)
             loss = F.cross_entropy(model(x), labels[batch].to(device))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -90,6 +91,6 @@ def _accuracy(
     model.eval()
     correct = 0
     for start in range(0, len(labels), 256):
-        x = augment(images[start : start + 256].to(device), setup.dataset, generator)
+        x = augment(images[start : start + 256].to(device), setup.dataset, generator, setup.augment)
         correct += int((model(x).argmax(dim=1).cpu() == labels[start : start + 256]).sum())
     return correct / max(len(labels), 1)

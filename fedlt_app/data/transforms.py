@@ -61,31 +61,39 @@ def _randint(high: int, size: int, generator: torch.Generator | None) -> torch.T
     return torch.randint(0, high, (size,), generator=generator, device="cpu")
 
 
-def augment(images_uint8: torch.Tensor, dataset: str, generator: torch.Generator | None) -> torch.Tensor:
-    """Training-time transform: for CIFAR, crop + flip + normalise + Cutout.
+AUTHORS = "authors"
+CROP_FLIP = "crop-flip"
+AUGMENT_POLICIES = (AUTHORS, CROP_FLIP)
+GRAYSCALE_CROP_PADDING = 2
+# Flipping a digit or a handwritten letter makes another glyph (or none); a garment stays a garment.
+_FLIP_SAFE_GRAYSCALE = ("fmnist",)
 
-    Matches RandomCrop(32, padding=4) (zero padding, so padded pixels become
-    -mean/std after normalising), RandomHorizontalFlip(0.5), Normalize and
-    Cutout(16) on the normalised tensor. Crop and flip are one gather with
-    per-sample index arithmetic; Cutout is one broadcast mask. MNIST-type
-    data are not augmented (the authors use ToTensor only).
+
+def check_augment_policy(policy: str, dataset: str) -> None:
+    """Fail fast on an ``augment`` value that does not exist or does not fit the data set."""
+    if policy not in AUGMENT_POLICIES:
+        raise ValueError(f"augment: unknown value {policy!r}; allowed values are {', '.join(AUGMENT_POLICIES)}")
+    if policy == CROP_FLIP and dataset in _GRAYSCALE and dataset not in _FLIP_SAFE_GRAYSCALE:
+        raise ValueError(
+            f"augment: 'crop-flip' mirrors images, which turns {dataset}'s digits or letters into other glyphs; "
+            f"use augment='authors' (no augmentation for {dataset}, as its authors) or dataset=fmnist"
+        )
+
+
+def _crop_flip(
+    images_uint8: torch.Tensor, padding: int, generator: torch.Generator | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """RandomCrop(size, padding) with zero padding and RandomHorizontalFlip(0.5) as one gather.
+
+    Returns the cropped uint8 batch and the output rows and columns (for Cutout). Draws, in this order, the
+    row offsets, the column offsets and the flips from ``generator`` (CIFAR's results depend on that order).
     """
-    _check(images_uint8, dataset)
-    if dataset in _GRAYSCALE:
-        return to_float(images_uint8, dataset)
-
     batch, channels, height, width = images_uint8.shape
     device = images_uint8.device
-    offset_y = _randint(2 * CROP_PADDING + 1, batch, generator)
-    offset_x = _randint(2 * CROP_PADDING + 1, batch, generator)
-    flip = torch.rand(batch, generator=generator, device="cpu") < 0.5
-    centre_y = _randint(height, batch, generator)
-    centre_x = _randint(width, batch, generator)
-    offset_y, offset_x, flip, centre_y, centre_x = (
-        t.to(device) for t in (offset_y, offset_x, flip, centre_y, centre_x)
-    )
-
-    padded = torch.nn.functional.pad(images_uint8, (CROP_PADDING,) * 4)
+    offset_y = _randint(2 * padding + 1, batch, generator).to(device)
+    offset_x = _randint(2 * padding + 1, batch, generator).to(device)
+    flip = (torch.rand(batch, generator=generator, device="cpu") < 0.5).to(device)
+    padded = torch.nn.functional.pad(images_uint8, (padding,) * 4)
     rows_out = torch.arange(height, device=device)
     cols_out = torch.arange(width, device=device)
     rows = offset_y[:, None] + rows_out  # (N, H) rows of the padded image
@@ -97,6 +105,33 @@ def augment(images_uint8: torch.Tensor, dataset: str, generator: torch.Generator
         rows[:, None, :, None],
         cols[:, None, None, :],
     ]
+    return cropped, rows_out, cols_out
+
+
+def augment(
+    images_uint8: torch.Tensor, dataset: str, generator: torch.Generator | None, policy: str = AUTHORS
+) -> torch.Tensor:
+    """Training-time transform of a uint8 batch, as model input.
+
+    ``policy`` is the run's ``augment`` key. ``authors`` (every paper's pipeline): for CIFAR,
+    RandomCrop(32, padding=4) (zero padding, so padded pixels become -mean/std after normalising),
+    RandomHorizontalFlip(0.5), Normalize and Cutout(16) on the normalised tensor; MNIST-type data are not
+    augmented (the authors use ToTensor only). ``crop-flip`` (fedlt's, for Fashion-MNIST): RandomCrop(28,
+    padding=2) and RandomHorizontalFlip(0.5), then ToTensor; on CIFAR it is the authors' pipeline.
+    Crop and flip are one gather with per-sample index arithmetic; Cutout is one broadcast mask.
+    """
+    _check(images_uint8, dataset)
+    check_augment_policy(policy, dataset)
+    if dataset in _GRAYSCALE:
+        if policy == CROP_FLIP:
+            cropped, _, _ = _crop_flip(images_uint8, GRAYSCALE_CROP_PADDING, generator)
+            return to_float(cropped, dataset)
+        return to_float(images_uint8, dataset)
+
+    batch, _, height, width = images_uint8.shape
+    cropped, rows_out, cols_out = _crop_flip(images_uint8, CROP_PADDING, generator)
+    centre_y = _randint(height, batch, generator).to(images_uint8.device)
+    centre_x = _randint(width, batch, generator).to(images_uint8.device)
     images = to_float(cropped, dataset)
 
     half = CUTOUT_SIZE // 2

@@ -75,7 +75,7 @@ class CReFFClient(ClientMethod):
             head.bias.copy_(torch.from_numpy(self.payload["creff-bias"]))
         model.eval()
         features = torch.cat([
-            model.encoder(augment(images[i : i + 256].to(device), self.cfg.dataset, generator))
+            model.encoder(augment(images[i : i + 256].to(device), self.cfg.dataset, generator, self.cfg.augment))
             for i in range(0, len(labels), 256)
         ])
         classes, weight, bias = gradient_prototypes(features, labels.to(device), head)

@@ -140,7 +140,7 @@ class RedGrapeClient(ClientMethod):
         self._num_local = len(sufficient)
         if picks:
             chosen = torch.cat(picks)
-            self._balanced_x = augment(images[chosen].to(device), dataset, generator)
+            self._balanced_x = augment(images[chosen].to(device), dataset, generator, self.cfg.augment)
             self._balanced_y = labels[chosen].to(device)
         missing = torch.ones(self.num_classes, dtype=torch.bool)
         missing[sufficient] = False
@@ -159,7 +159,7 @@ class RedGrapeClient(ClientMethod):
         with torch.no_grad():
             features = torch.cat(
                 [
-                    model.encoder(augment(images[i : i + 256].to(device), self.cfg.dataset, generator))
+                    model.encoder(augment(images[i : i + 256].to(device), self.cfg.dataset, generator, self.cfg.augment))
                     for i in range(0, len(images), 256)
                 ]
             )

@@ -153,11 +153,12 @@ class FedICServer(ServerMethod):
     def labeled_batch(self) -> tuple[Tensor, Tensor]:
         images, labels = self.labeled
         pick = self._draw(len(labels), self.cfg.fedic_labeled_batch_size)
-        return (augment(images[pick].to(self.device), self.dataset, self.generator), labels[pick].to(self.device))
+        batch = augment(images[pick].to(self.device), self.dataset, self.generator, self.cfg.augment)
+        return batch, labels[pick].to(self.device)
 
     def unlabeled_batch(self) -> Tensor:
         pick = self._draw(len(self.unlabeled), self.cfg.fedic_unlabeled_batch_size)
-        return augment(self.unlabeled[pick].to(self.device), self.dataset, self.generator)
+        return augment(self.unlabeled[pick].to(self.device), self.dataset, self.generator, self.cfg.augment)
 
     # ------------------------------------------------------------------ the three stages
 

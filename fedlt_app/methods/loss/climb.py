@@ -46,7 +46,7 @@ class ClimbClient(ClientMethod):
         model.eval()
         total = 0.0
         for start in range(0, len(labels), 256):
-            x = augment(images[start : start + 256].to(device), self.cfg.dataset, generator)
+            x = augment(images[start : start + 256].to(device), self.cfg.dataset, generator, self.cfg.augment)
             total += float(F.cross_entropy(model(x), labels[start : start + 256].to(device), reduction="sum"))
         self._loss = total / max(len(labels), 1)
 

@@ -78,7 +78,7 @@ class RatioLossServer(ServerMethod):
         model.train()
         steps = []
         for images, labels in self.auxiliary:
-            x = augment(images.to(device), self.cfg.dataset, generator)
+            x = augment(images.to(device), self.cfg.dataset, generator, self.cfg.augment)
             with self.precision.autocast():
                 logits = model(x)
             loss = F.cross_entropy(logits, labels.to(device))
