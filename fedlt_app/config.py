@@ -31,9 +31,23 @@ CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")  # need the cli
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # see fedlt_app/precision.py
+AUGMENT_POLICIES = ("authors", "crop-flip")  # see fedlt_app/data/transforms.py
+# Mirroring a digit or a handwritten letter makes another glyph (or none); a garment stays a garment.
+_FLIP_UNSAFE_DATASETS = ("mnist", "femnist")
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
 Check = Callable[[Any], str | None]
+
+
+def augment_policy_problem(policy: str, dataset: str) -> str | None:
+    """Why ``augment=policy`` cannot run on ``dataset`` (None when it can): the one home of this rule, for
+    ``resolve`` and for the transform itself."""
+    if policy not in AUGMENT_POLICIES:
+        return f"augment: unknown value {policy!r}; allowed values are {', '.join(AUGMENT_POLICIES)}"
+    if policy == "crop-flip" and dataset in _FLIP_UNSAFE_DATASETS:
+        return (f"augment: 'crop-flip' mirrors images, which turns {dataset}'s digits or letters into other glyphs; "
+                "use augment='authors' (no augmentation, as the authors) or dataset=fmnist")
+    return None
 
 
 def one_of(*allowed: str) -> Check:
@@ -133,7 +147,7 @@ SCHEMA: tuple[Option, ...] = (
            "(0 = none, fedlt's protocols; FedLTLib's shared optimiser uses 1e-5)", at_least(0.0)),
     Option("augment", str, "authors", "training-time augmentation: authors (the papers' pipelines: CIFAR crop + "
            "flip + Cutout, MNIST-type none) or crop-flip (fedlt's, Fashion-MNIST: RandomCrop(28, padding 2) + "
-           "horizontal flip; CIFAR as authors)", one_of("authors", "crop-flip")),
+           "horizontal flip; CIFAR as authors)", one_of(*AUGMENT_POLICIES)),
     Option("prox-mu", float, 0.0, "FedProx proximal coefficient mu", at_least(0.0)),
     Option("server-lr", float, 1.0, "server learning rate on the averaged update", at_least(0.0, strict=True)),
     Option("server-opt", str, "fedavg", "server optimizer on the averaged update (Flower's FedAvgM / FedAdam)",
@@ -701,9 +715,9 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
     if values["rucr_mixup_low"] > values["rucr_mixup_high"]:
         raise ConfigError(f"rucr-mixup-low: must be <= rucr-mixup-high={values['rucr_mixup_high']} "
                           f"(got {values['rucr_mixup_low']})")
-    if values["augment"] == "crop-flip" and values["dataset"] in ("mnist", "femnist"):
-        raise ConfigError(f"augment: 'crop-flip' mirrors images, which turns {values['dataset']}'s digits or letters "
-                          "into other glyphs; use augment='authors' (no augmentation, as the authors) or dataset=fmnist")
+    augment_problem = augment_policy_problem(values["augment"], values["dataset"])
+    if augment_problem:
+        raise ConfigError(augment_problem)
     if values["dataset"] == "femnist" and values["partition"] != "writers":
         raise ConfigError(
             f"partition: dataset 'femnist' has natural clients (its writers); use partition=writers "

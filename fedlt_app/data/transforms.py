@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from fedlt_app.config import AUGMENT_POLICIES, augment_policy_problem
+
 _NORMALISATION = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -61,23 +63,15 @@ def _randint(high: int, size: int, generator: torch.Generator | None) -> torch.T
     return torch.randint(0, high, (size,), generator=generator, device="cpu")
 
 
-AUTHORS = "authors"
-CROP_FLIP = "crop-flip"
-AUGMENT_POLICIES = (AUTHORS, CROP_FLIP)
+AUTHORS, CROP_FLIP = AUGMENT_POLICIES
 GRAYSCALE_CROP_PADDING = 2
-# Flipping a digit or a handwritten letter makes another glyph (or none); a garment stays a garment.
-_FLIP_SAFE_GRAYSCALE = ("fmnist",)
 
 
 def check_augment_policy(policy: str, dataset: str) -> None:
-    """Fail fast on an ``augment`` value that does not exist or does not fit the data set."""
-    if policy not in AUGMENT_POLICIES:
-        raise ValueError(f"augment: unknown value {policy!r}; allowed values are {', '.join(AUGMENT_POLICIES)}")
-    if policy == CROP_FLIP and dataset in _GRAYSCALE and dataset not in _FLIP_SAFE_GRAYSCALE:
-        raise ValueError(
-            f"augment: 'crop-flip' mirrors images, which turns {dataset}'s digits or letters into other glyphs; "
-            f"use augment='authors' (no augmentation for {dataset}, as its authors) or dataset=fmnist"
-        )
+    """Fail fast on an ``augment`` value that does not exist or does not fit the data set (config's rule)."""
+    problem = augment_policy_problem(policy, dataset)
+    if problem:
+        raise ValueError(problem)
 
 
 def _crop_flip(
