@@ -14,6 +14,7 @@ run (a new Flower run) starts it afresh.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,8 @@ from flwr.app import Array, ArrayRecord
 from fedlt_app.config import recorded_value
 
 CHECKPOINT_FILE = "checkpoint.pt"
+# The network the last round evaluated (a re-training method's calibrated head included), for inference.
+FINAL_MODEL_FILE = "final_model.pt"
 # Attributes of Flower's FedAvgM / FedOpt strategies that carry state between rounds.
 _OPTIMIZER_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
 # Keys that may change when a run is resumed; any other difference is refused.
@@ -54,15 +57,42 @@ def restore_optimizer_state(strategy: object, state: dict[str, Any]) -> None:
         setattr(strategy, name, _flower(value))
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
-    """Write then rename, so a crash mid-write never leaves a torn checkpoint."""
-    path = run_dir / CHECKPOINT_FILE
+def _save_atomically(path: Path, state: dict[str, Any]) -> Path:
+    """Write then rename, so a crash mid-write never leaves a torn file."""
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     with open(tmp, "rb") as handle:
         os.fsync(handle.fileno())
     tmp.replace(path)
     return path
+
+
+def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
+    return _save_atomically(run_dir / CHECKPOINT_FILE, state)
+
+
+def save_final_model(run_dir: Path, state: Mapping[str, torch.Tensor], run_config: dict[str, Any],
+                     num_clients: int, server_round: int) -> Path:
+    """The evaluated network's travelling state with the run config that rebuilds it.
+
+    Unlike the checkpoint's global model this is what the run's last accuracy was measured on: for a method
+    that evaluates a re-trained classifier (CCVR, CReFF) the calibrated head, not the aggregated one.
+    """
+    return _save_atomically(run_dir / FINAL_MODEL_FILE, {
+        "round": server_round,
+        "run_config": run_config,
+        "num_clients": num_clients,  # with run_config, rebuilds the federation's data and so the network
+        "state": {key: tensor.detach().cpu().clone() for key, tensor in state.items()},
+    })
+
+
+def load_final_model(run_dir: Path) -> dict[str, Any]:
+    """``{"round", "run_config", "num_clients", "state"}`` of :func:`save_final_model` (``fedlt_app.task.trained_model``
+    builds the network from it)."""
+    path = Path(run_dir) / FINAL_MODEL_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"no {FINAL_MODEL_FILE} in {run_dir}: the run has not finished its last round")
+    return torch.load(path, weights_only=True)
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any]:

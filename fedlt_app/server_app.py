@@ -7,19 +7,20 @@ from logging import INFO
 from pathlib import Path
 
 import torch
-
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from fedlt_app.active.driver import run_active_learning
 from fedlt_app.checkpoint import (
+    FINAL_MODEL_FILE,
     check_resumable,
     load_checkpoint,
     optimizer_state,
     restore_optimizer_state,
     save_checkpoint,
+    save_final_model,
 )
-from fedlt_app.active.driver import run_active_learning
 from fedlt_app.config import ConfigError, RunConfig, resolve
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data import tail_classes
@@ -121,8 +122,9 @@ def main(grid: Grid, context: Context) -> None:
                 reports = strategy.collect_statistics(grid, arrays, cfg.round_timeout)
                 strategy.server_method.absorb_statistics(current.server_round, model, reports)
             evaluation_started = time.perf_counter()
-            result = evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels,
-                              cfg.dataset, tail, data.class_counts, precision=precision)
+            evaluated = strategy.server_method.evaluation_model(model)
+            result = evaluate(evaluated, test_images, test_labels, cfg.dataset, tail, data.class_counts,
+                              precision=precision)
             record = {
                 "round": current.server_round,
                 **result.as_dict(),
@@ -143,6 +145,9 @@ def main(grid: Grid, context: Context) -> None:
             log(INFO, "[fedlt] round %d/%d  accuracy %.4f  tail %.4f  loss %.4f  (%.1f s)", current.server_round,
                 cfg.num_server_rounds, result.accuracy, result.tail_accuracy, result.loss, record["round_seconds"])
             last = current.server_round == cfg.num_server_rounds
+            if last:
+                save_final_model(run_dir, evaluated.travelling_state(), cfg.as_dict(), num_clients,
+                                 current.server_round)
             if cfg.checkpoint_every and (current.server_round % cfg.checkpoint_every == 0 or last):
                 save_checkpoint(run_dir, checkpoint_state(strategy, cfg, current.server_round, arrays))
             return MetricRecord({"accuracy": result.accuracy, "tail-accuracy": result.tail_accuracy,
@@ -163,3 +168,5 @@ def main(grid: Grid, context: Context) -> None:
         summary.get("last10_tail_accuracy", float("nan")), run_dir)
     if recorder.pictures:
         log(INFO, "[fedlt] pictures: %s", pictures_line(recorder.pictures))
+    if (run_dir / FINAL_MODEL_FILE).is_file():
+        log(INFO, "[fedlt] final model: %s (fedlt_app.task.trained_model)", run_dir / FINAL_MODEL_FILE)

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from fedlt_app.config import RunConfig
+from fedlt_app.checkpoint import load_final_model
+from fedlt_app.config import RunConfig, resolve
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data import FederatedData
 from fedlt_app.methods import get_method
@@ -59,6 +61,16 @@ def method_model(cfg: RunConfig, data: FederatedData) -> EncoderClassifier:
     _, channels, height, _ = data.dataset.train_images.shape
     model = build_model(cfg.model, data.num_classes, channels, height)
     return method.extend_model(model)
+
+
+def trained_model(run_dir: Path) -> tuple[EncoderClassifier, RunConfig]:
+    """The network a finished run measured its last accuracy on (``final_model.pt``), in eval mode, with the
+    run's config: e.g. ``model(to_float(images, cfg.dataset))`` classifies as the run's last round did."""
+    saved = load_final_model(run_dir)
+    cfg = resolve(saved["run_config"])
+    model = method_model(cfg, federated_data(cfg, saved["num_clients"]))
+    model.load_travelling_state(saved["state"])
+    return model.eval(), cfg
 
 
 def initial_model(cfg: RunConfig, data: FederatedData) -> EncoderClassifier:

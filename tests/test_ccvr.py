@@ -18,10 +18,15 @@ import pytest
 import torch
 from torch.nn import functional as F
 
+from fedlt_app.checkpoint import load_checkpoint
 from fedlt_app.config import resolve
+from fedlt_app.configured_data import federated_data
+from fedlt_app.data import tail_classes
 from fedlt_app.methods.base import ClientReport
 from fedlt_app.methods.decoupled.ccvr import CCVRClient, CCVRServer, class_moments, combine_moments, sample_gaussian
+from fedlt_app.metrics import evaluate
 from fedlt_app.precision import FP32
+from fedlt_app.task import trained_model
 from in_process import run_in_process
 from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
@@ -162,3 +167,14 @@ def test_ccvr_runs_through_the_apps_with_the_statistics_query(tmp_path: Path,
     for row in rows:
         assert math.isfinite(row["ccvr_retrain_loss"])  # calibrated before each evaluation
         assert math.isfinite(row["accuracy"])
+
+    # final_model.pt is the network round 2 was measured on: the calibrated head, not the aggregated one
+    run_dir = tmp_path / "out" / "ccvr"
+    model, cfg = trained_model(run_dir)
+    assert not model.training
+    global_head = load_checkpoint(run_dir)["arrays"]["classifier.weight"]
+    assert not np.allclose(model.classifier.weight.detach().numpy(), global_head)
+    data = federated_data(cfg, 2)
+    result = evaluate(model, *data.test_data(), cfg.dataset, tail_classes(data.class_counts), data.class_counts)
+    assert result.accuracy == rows[-1]["accuracy"]
+    assert result.tail_accuracy == rows[-1]["tail_accuracy"]
