@@ -23,10 +23,11 @@ METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss"
 # Methods whose server needs only sums over a round's clients: the weighted model sum (fednh: unweighted,
 # ServerMethod.client_weighting), for fedavg-la / grape-la the class counts, for redgrape / grape-la / creff /
 # fednh per-class sums and counts,
-# fedgrab its clients' summed PID weights (ServerMethod.sum_segments); fedetf / fednh's personalised
+# fedgrab its clients' summed PID weights, moon its contrasting clients' count and summed term
+# (ServerMethod.sum_segments); fedetf / fednh's personalised
 # accuracy travels masked (the cohort's mean only).
 SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "redgrape", "grape-la", "creff",
-                  "fedetf", "fednh", "fedgrab")
+                  "fedetf", "fednh", "fedgrab", "moon")
 CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")  # need the clip extra and clip-weights (fedlt_app/clip)
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)

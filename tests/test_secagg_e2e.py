@@ -1,6 +1,6 @@
 """secure-aggregation=secagg end to end: one client failing in training through Flower's real simulation engine;
-RedGrape, GRAPE-LA, CReFF and FedNH (unweighted mean, per-class sums, the masked personalised accuracy) through
-the real apps in process (tests/in_process.py)."""
+RedGrape, GRAPE-LA, CReFF, FedNH (unweighted mean, per-class sums, the masked personalised accuracy) and MOON
+(client state across masked rounds) through the real apps in process (tests/in_process.py)."""
 
 from __future__ import annotations
 
@@ -75,3 +75,13 @@ def test_secagg_fednh_run_reveals_only_the_mean_personalised_accuracy(tmp_path: 
     assert all(r["fednh_updated_classes"] == 10 for r in rows)
     assert all(0 <= r["personalised_accuracy"] <= 1 for r in rows)
     assert all("personalised_accuracy_per_client" not in r for r in rows)
+
+
+def test_secagg_moon_run_keeps_previous_models_and_sums_the_term(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """MOON: each node's previous local model persists across masked rounds (its own context.state), so every
+    client contrasts in round 2; the server learns only how many did and the sum of their terms."""
+    rows = secure_rows(tmp_path, monkeypatch, "method='moon'", num_clients=3)
+    assert all(r["failed_clients"] == [] for r in rows)
+    assert [r["moon_clients_with_previous"] for r in rows] == [0, 3]
+    assert rows[0]["moon_contrastive_loss"] == 0.0 and rows[1]["moon_contrastive_loss"] > 0

@@ -15,6 +15,7 @@ from torch import nn
 from fedlt_app.config import resolve
 from fedlt_app.methods import get_method
 from fedlt_app.methods.decoupled.creff import CReFFServer
+from fedlt_app.methods.representation.moon import PREVIOUS_MODEL
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.records import payload_to_record, record_to_payload
 from fedlt_app.secagg import flower_client
@@ -74,10 +75,14 @@ def client_reply(method: str, message: Message, grid: InProcessGrid, secure: boo
     model = get_method(method).extend_model(EncoderClassifier(nn.Flatten(), SIDE * SIDE, CLASSES))
     model.load_travelling_state(message.content["arrays"].to_torch_state_dict())
     cfg = resolve({"method": method})
-    client = get_method(method).client(cfg, CLASSES, record_to_payload(message.content.get(METHOD_KEY)))
+    state = None
+    if method == "moon" and partition % 2 == 0:  # MOON: half the clients hold a previous local model
+        state = {PREVIOUS_MODEL + k: (v.detach().numpy() + rng.normal(0, 0.3, v.shape)).astype(np.float32)
+                 for k, v in model.state_dict().items()}
+    client = get_method(method).client(cfg, CLASSES, record_to_payload(message.content.get(METHOD_KEY)), state)
     client.begin(model, images, labels, torch.Generator().manual_seed(int(rng.integers(2**31))))
-    for _ in range(2 if method == "fedgrab" else 0):  # the second step's weights answer the first's gradients
-        client.loss(model, images.float().flatten(1) / 255, labels)
+    for _ in range(2 if method in ("fedgrab", "moon") else 0):  # Fed-GraB: the second step's weights answer
+        client.loss(model, images.float().flatten(1) / 255, labels)  # the first's gradients; MOON: its term
     local = {k: (v.detach().numpy() + rng.normal(0, 0.05, v.shape)).astype(v.detach().numpy().dtype)
              for k, v in model.travelling_state().items()}  # in the model's dtypes, as a real client's
     metrics = MetricRecord({"num-examples": len(labels), "train-loss": 0.7, "train-seconds": 1.0 + partition})
@@ -243,8 +248,26 @@ def test_fedgrab_weighted_average_and_mean_pid_weights_equal_plain_aggregation(t
     print(f"fedgrab: largest PID weight error {weight_error:.3g}, model error {model_error:.3g}")
 
 
+def test_moon_weighted_average_and_contrastive_metrics_equal_plain_aggregation(task_identity,  # noqa: F811
+                                                                                 record_property) -> None:
+    """MOON: the n-weighted mean, how many clients contrasted (exactly) and their mean term, from masked sums."""
+    plain, plain_arrays, _ = _round("moon", secure=False)
+    secure, secure_arrays, _ = _round("moon", secure=True)
+    p, s = plain.server_method.round_metrics(), secure.server_method.round_metrics()
+    holders = sum(1 for partition, node in NODES.items() if partition % 2 == 0 and node != FAILS)
+    assert p["moon_clients_with_previous"] == s["moon_clients_with_previous"] == holders > 0
+    assert p["moon_contrastive_loss"] > 0  # the term was on
+    loss_error = abs(s["moon_contrastive_loss"] - p["moon_contrastive_loss"])
+    model_error = _model_errors(secure_arrays, plain_arrays)
+    assert loss_error < STEP and model_error < STEP + 1e-6
+    assert secure.current.personalised_metrics() == {}
+    model_values = sum(v.numpy().size for v in secure_arrays.values())
+    assert secure.current.parameters_up == (len(NODES) - 1) * (3 + model_values + 1 + 1)
+    record_property("largest_error", max(loss_error, model_error))
+
+
 def test_the_new_sums_only_methods_are_accepted_under_secagg() -> None:
-    for method in ("fedetf", "fednh", "fedgrab"):
+    for method in ("fedetf", "fednh", "fedgrab", "moon"):
         assert resolve({"secure-aggregation": "secagg", "method": method}).method == method
 
 

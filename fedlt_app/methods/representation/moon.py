@@ -80,12 +80,15 @@ from torch.nn import functional as F
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
-from fedlt_app.methods.base import ClientMethod, ClientReport, ClientState, ServerMethod
+from fedlt_app.methods.base import ClientMethod, ClientReport, ClientState, Payload, ServerMethod, SumSpec
+from fedlt_app.methods.class_sums import summed
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import full_precision
 
 PROJECTION_DIM = 256  # the official --out_dim default
 PREVIOUS_MODEL = "previous-model/"  # prefix of the previous local model's tensors in the client state
+HAS_PREVIOUS = "moon-has-previous"
+CONTRASTIVE_LOSS = "moon-contrastive-loss"
 
 
 def add_projection_head(model: EncoderClassifier) -> EncoderClassifier:
@@ -156,8 +159,12 @@ class MoonClient(ClientMethod):
     def report(self) -> dict[str, np.ndarray]:
         """Whether the term was on, and its mean over the local steps (for the round's metrics)."""
         mean = float(self._contrastive_sum) / max(self._contrastive_steps, 1)
-        return {"moon-has-previous": np.array([self.previous_model is not None], dtype=np.float32),
-                "moon-contrastive-loss": np.array([mean], dtype=np.float32)}
+        return {HAS_PREVIOUS: np.array([self.previous_model is not None], dtype=np.float32),
+                CONTRASTIVE_LOSS: np.array([mean], dtype=np.float32)}
+
+    def summands(self) -> Payload:
+        """Secure aggregation: the server's two metrics need only a count and a sum over the clients."""
+        return moon_summands(self.report())
 
     def state_to_keep(self, model: EncoderClassifier) -> ClientState:
         """The trained local model: next round's negative."""
@@ -173,13 +180,29 @@ class MoonServer(ServerMethod):
         self.clients_with_previous = 0
         self.contrastive_loss = 0.0
 
+    def sum_segments(self) -> dict[str, SumSpec]:
+        """How many clients contrasted (exact) and the sum of their mean terms."""
+        return {HAS_PREVIOUS: SumSpec((1,), exact=True), CONTRASTIVE_LOSS: SumSpec((1,))}
+
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
-        with_previous = [r for r in reports if r.payload and bool(r.payload["moon-has-previous"][0])]
-        losses = [float(r.payload["moon-contrastive-loss"][0]) for r in with_previous]
-        self.clients_with_previous = len(with_previous)
-        self.contrastive_loss = float(np.mean(losses)) if losses else 0.0
+        """The metrics on plain reports: the very sums secure aggregation would reveal."""
+        self.absorb_sums(server_round, summed(self.sum_segments(), (moon_summands(r.payload) for r in reports
+                                                                    if HAS_PREVIOUS in r.payload)))
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
+        self.clients_with_previous = int(sums[HAS_PREVIOUS][0])
+        total = float(sums[CONTRASTIVE_LOSS][0])
+        self.contrastive_loss = total / self.clients_with_previous if self.clients_with_previous else 0.0
 
     def round_metrics(self) -> dict[str, float | int]:
         """The round's count of clients with a previous model, and their mean term (0 when none: the term is 0)."""
         return {"moon_clients_with_previous": self.clients_with_previous,
                 "moon_contrastive_loss": self.contrastive_loss}
+
+
+def moon_summands(report: Payload) -> Payload:
+    """A client's terms of the server's two sums: 1 and its mean term if it contrasted, else 0 and 0."""
+    contrasted = bool(report[HAS_PREVIOUS][0])
+    term = float(report[CONTRASTIVE_LOSS][0]) if contrasted else 0.0
+    return {HAS_PREVIOUS: np.array([int(contrasted)], dtype=np.int64),
+            CONTRASTIVE_LOSS: np.array([term], dtype=np.float64)}
