@@ -10,6 +10,11 @@ import pytest
 
 from in_process import run_in_process
 
+from fedlt_app.configured_data import federated_data
+from fedlt_app.data import tail_classes
+from fedlt_app.metrics import evaluate
+from fedlt_app.task import trained_model
+
 CLIENTS = 3
 BUDGET = 5  # round(335, -2) * 0.05 = 15 labels per cycle over 3 clients
 
@@ -30,9 +35,13 @@ def _run(tmp: Path, name: str, extra: str = "") -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[dict], list[dict]]:
-    tmp = tmp_path_factory.mktemp("fairfal-e2e")
-    return _run(tmp, "a"), _run(tmp, "b", "al-cycle-curve=true")
+def runs_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("fairfal-e2e")
+
+
+@pytest.fixture(scope="module")
+def two_runs(runs_dir: Path) -> tuple[list[dict], list[dict]]:
+    return _run(runs_dir, "a"), _run(runs_dir, "b", "al-cycle-curve=true")
 
 
 def test_labeled_sets_grow_by_exactly_the_budget_and_stay_disjoint(two_runs: tuple[list[dict], list[dict]]) -> None:
@@ -72,3 +81,11 @@ def test_the_cycle_curve_records_every_round_without_changing_the_run(
         # the curve ends at the cycle's reported model, and evaluating every round changes no training
         assert c["cycle_accuracy"][-1] == c["accuracy"] == p["accuracy"]
         assert c["cycle_tail_accuracy"][-1] == c["tail_accuracy"]
+
+
+def test_the_last_cycles_model_is_kept_and_rebuilds_its_accuracy(
+        runs_dir: Path, two_runs: tuple[list[dict], list[dict]]) -> None:
+    model, cfg = trained_model(runs_dir / "out" / "a")
+    data = federated_data(cfg, CLIENTS)
+    result = evaluate(model, *data.test_data(), cfg.dataset, tail_classes(data.class_counts), data.class_counts)
+    assert result.accuracy == two_runs[0][-1]["accuracy"]

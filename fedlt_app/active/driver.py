@@ -34,6 +34,7 @@ from flwr.serverapp import Grid
 from fedlt_app.active import protocol
 from fedlt_app.active.budget import BudgetPlan, budget_plan, capacity_problems
 from fedlt_app.active.query import choose_models
+from fedlt_app.checkpoint import save_final_model
 from fedlt_app.config import ConfigError, RunConfig
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data import FederatedData, tail_classes
@@ -216,6 +217,9 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
                 plan.num_cycles, record["labeled_ratio"], evaluation.accuracy, evaluation.tail_accuracy,
                 record["round_seconds"])
             started = time.perf_counter()
+            if cycle == plan.num_cycles - 1:  # the last cycle's model, as the federated runs keep theirs
+                save_final_model(run_dir, strategy.server_method.evaluation_model(model).travelling_state(),
+                                 cfg.as_dict(), num_clients, rounds_done)
     summary = recorder.summary
     log(INFO, "[fedlt-al] done: final accuracy %.4f, mean over cycles %.4f -> %s",
         summary["final_accuracy"], summary["last10_accuracy"], run_dir)
