@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fedlt_app.data import to_float
@@ -42,6 +43,20 @@ class Evaluation:
         return asdict(self)
 
 
+def inference_network(model: EncoderClassifier, device: torch.device) -> tuple[nn.Module, torch.memory_format]:
+    """The network ``evaluate`` runs and the layout of its inputs.
+
+    On the CPU a network with 2-d batch norm (cnn4conv, resnet56) evaluates 1.5-1.9x faster in channels_last
+    (measured on 2 AVX2 cores: oneDNN's batch norm and max-pooling are slow on NCHW), so it runs as a
+    channels_last copy; the trained model, whose state goes over the wire, keeps its layout. Its logits move
+    by float rounding only. Every other network (the CNNs without batch norm, where
+    channels_last gains < 10 %; CLIP) and every GPU run is evaluated as it is.
+    """
+    if device.type != "cpu" or not any(isinstance(m, nn.BatchNorm2d) for m in model.modules()):
+        return model, torch.contiguous_format
+    return copy.deepcopy(model).to(memory_format=torch.channels_last), torch.channels_last
+
+
 @torch.no_grad()
 def evaluate(
     model: EncoderClassifier,
@@ -62,15 +77,16 @@ def evaluate(
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
+    network, memory_format = inference_network(model, device)
     num_classes = model.num_classes
     correct = torch.zeros(num_classes, dtype=torch.long)
     seen = torch.zeros(num_classes, dtype=torch.long)
     loss_sum = 0.0
     for start in range(0, len(labels), batch_size):
-        x = to_float(images[start : start + batch_size].to(device), dataset)
+        x = to_float(images[start : start + batch_size].to(device), dataset).contiguous(memory_format=memory_format)
         y = labels[start : start + batch_size].to(device)
         with precision.autocast():
-            logits = model(x)  # float32 logits whatever the precision
+            logits = network(x)  # float32 logits whatever the precision
         loss_sum += float(F.cross_entropy(logits, y, reduction="sum"))
         hits = (logits.argmax(dim=1) == y).cpu()
         correct += torch.bincount(y.cpu()[hits], minlength=num_classes)
