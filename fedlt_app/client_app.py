@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -82,6 +83,8 @@ def train(msg: Message, context: Context) -> Message:
     model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
 
     server_round = int(msg.content["config"]["server-round"])
+    # this round's learning rate (lr-decay), for the optimizer and for every method step that uses it
+    cfg = replace(cfg, local_lr=cfg.local_lr_at(server_round))
     inject_faults(cfg, partition_id)
     seed = client_seed(cfg.seed, server_round, partition_id)
     torch.manual_seed(seed)  # dropout

@@ -146,6 +146,10 @@ SCHEMA: tuple[Option, ...] = (
     Option("grad-clip", float, 1.0, "global gradient-norm clip per step (0 = off)", at_least(0.0)),
     Option("weight-decay", float, 0.0, "L2 weight decay of the local SGD, as torch.optim.SGD's weight_decay "
            "(0 = none, fedlt's protocols; FedLTLib's shared optimiser uses 1e-5)", at_least(0.0)),
+    Option("lr-decay", float, 1.0, "local lr x this in the rounds past lr-decay-after of them (of each cycle's "
+           "rounds in active learning; FairFAL's code: 0.1); 1 = a constant lr", in_range_closed(0.0, 1.0)),
+    Option("lr-decay-after", float, 0.75, "fraction of the rounds after which lr-decay applies: round r (from 1) "
+           "is decayed when r - 1 > floor(fraction x rounds), as FairFAL's code", in_unit_interval),
     Option("augment", str, "authors", "training-time augmentation: authors (the papers' pipelines: CIFAR crop + "
            "flip + Cutout, MNIST-type none) or crop-flip (fedlt's, Fashion-MNIST: RandomCrop(28, padding 2) + "
            "horizontal flip; CIFAR as authors)", one_of(*AUGMENT_POLICIES)),
@@ -467,6 +471,8 @@ class RunConfig:
     momentum: float
     grad_clip: float
     weight_decay: float
+    lr_decay: float
+    lr_decay_after: float
     augment: str
     prox_mu: float
     server_lr: float
@@ -614,6 +620,13 @@ class RunConfig:
     @property
     def minority_class_tuple(self) -> tuple[int, ...]:
         return parse_class_list(self.minority_classes)
+
+    def local_lr_at(self, server_round: int) -> float:
+        """The clients' learning rate in ``server_round`` (from 1; in active learning the run-wide round, whose
+        place in its cycle decides): ``local-lr``, times ``lr-decay`` past ``lr-decay-after`` of the rounds."""
+        rounds = self.fl_rounds_per_cycle if self.al_method != "none" else self.num_server_rounds
+        index = (server_round - 1) % rounds if self.al_method != "none" else server_round - 1
+        return self.local_lr * (self.lr_decay if index > math.floor(self.lr_decay_after * rounds) else 1.0)
 
     def as_dict(self) -> dict[str, Any]:
         """Kebab-case keys, as a user writes them."""

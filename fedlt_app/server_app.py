@@ -129,6 +129,7 @@ def main(grid: Grid, context: Context) -> None:
                 "round": current.server_round,
                 **result.as_dict(),
                 "train_loss": current.train_loss,
+                "local_lr": cfg.local_lr_at(current.server_round),
                 "round_seconds": time.perf_counter() - current.started,
                 "evaluate_seconds": time.perf_counter() - evaluation_started,
                 "client_train_seconds": current.client_train_seconds,
