@@ -392,7 +392,8 @@ SCHEMA: tuple[Option, ...] = (
            "off: plain updates", one_of("off", "secagg")),
     Option("secagg-min-cohort", int, 3, "secure aggregation: a round with fewer clients than this refuses to aggregate",
            at_least(2)),
-    Option("checkpoint-every", int, 10, "write a resumable checkpoint every this many rounds (0 = never)", at_least(0)),
+    Option("checkpoint-every", int, 10, "write a resumable checkpoint every this many rounds (0 = never); "
+           "active learning: after every cycle when above 0", at_least(0)),
     Option("resume-from", str, "", "a run directory whose checkpoint this run continues"),
     Option("debug-fail-partitions", str, "", "fault injection: these partition ids raise in training (e.g. \"1,3\")",
            optional_class_list),
@@ -774,6 +775,4 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
                 f"al-end-ratio: {values['al_end_ratio']} is below the first labeled ratio "
                 f"al-query-ratio={values['al_query_ratio']}; no cycle would run"
             )
-        if values["resume_from"]:
-            raise ConfigError("resume-from: active-learning runs (al-method) cannot resume from a checkpoint")
     return RunConfig(**values)

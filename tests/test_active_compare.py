@@ -23,7 +23,7 @@ ACC = {
 def write_run(folder: Path, method: str, seed: int, accuracies: tuple[float, ...], status: str | None = "completed",
               jitter: float = 0.0) -> Path:
     """A run folder as a real run leaves it: config.json, metrics.jsonl, summary.json (if ``status``)."""
-    folder.mkdir(parents=True)
+    folder.mkdir(parents=True, exist_ok=True)  # a resumed run writes into its folder
     (folder / "config.json").write_text(json.dumps({"run_config": {"al-method": method, "seed": seed}}))
     rows = [{"cycle": i + 1, "target_ratio": ratio, "labeled_ratio": ratio - jitter * (seed + 1),
              "accuracy": acc, "tail_accuracy": acc / 2} for i, (ratio, acc) in enumerate(zip(RATIOS, accuracies))]
@@ -192,6 +192,16 @@ def test_compare_stops_at_an_unfinished_run_before_running_anything(tmp_path: Pa
     with pytest.raises(SystemExit, match="unfinished run"):
         compare.main(["--preset", "p", "--out", str(tmp_path), "--methods", "fairfal", "random", "--seeds", "0", "1"])
     assert fake_launch.calls == []
+
+
+def test_compare_continues_an_interrupted_run_from_its_checkpoint(tmp_path: Path, fake_launch: FakeLaunch) -> None:
+    interrupted = tmp_path / "p-random-seed0"
+    write_run(interrupted, "random", 0, (0.5,) * 3, status="failed")
+    (interrupted / "checkpoint.pt").write_bytes(b"")  # what compare looks for; the app reads it
+    assert compare.main(["--preset", "p", "--out", str(tmp_path), "--methods", "fairfal", "random"]) == 0
+    fairfal, random = fake_launch.calls
+    assert "resume-from" not in fairfal
+    assert random["resume-from"] == str(interrupted) and random["run-name"] == interrupted.name
 
 
 def test_compare_reports_completed_seeds_after_a_failed_run(tmp_path: Path, fake_launch: FakeLaunch,

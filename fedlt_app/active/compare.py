@@ -6,7 +6,8 @@ Runs the preset once per ``al-method`` and seed through the simulation engine
 (:func:`fedlt_app.launch.run`), each into ``<out>/<preset>-<method>-seed<K>/``
 with ``seed=<K>`` in its run config; a run whose folder already holds a
 completed summary is kept, not rerun, so adding seeds later only runs the new
-ones. The order is seed-major (every method of seed 0, then of seed 1, ...), so
+ones; an interrupted run that left a checkpoint (every cycle's, by default) is
+continued from it with ``resume-from``. The order is seed-major (every method of seed 0, then of seed 1, ...), so
 a comparison stopped midway has whole seeds to compare. Then writes
 ``<out>/<preset>.md`` (accuracy and tail accuracy per labeled ratio, mean ± std
 over seeds, paired differences against FairFAL) and ``<out>/<preset>.png`` from
@@ -24,6 +25,7 @@ from pathlib import Path
 
 from fedlt_app import launch
 from fedlt_app.active.plot import comparison_table, completed, plot_curves
+from fedlt_app.checkpoint import CHECKPOINT_FILE
 from fedlt_app.config import AL_METHODS
 
 ROOT = Path(__file__).resolve().parent.parent.parent
@@ -73,8 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out.resolve()
     runs = plan(args.preset, list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.seeds)), out)
     for _, _, run_dir in runs:  # before any run, not hours in
-        if run_dir.exists() and not completed(run_dir):
-            sys.exit(f"compare: {run_dir} holds an unfinished run; remove it to rerun")
+        if run_dir.exists() and not completed(run_dir) and not (run_dir / CHECKPOINT_FILE).is_file():
+            sys.exit(f"compare: {run_dir} holds an unfinished run without a checkpoint; remove it to rerun")
     # SIGTERM unwinds like Ctrl-C, so each run's SuperLink is stopped (launch.run's finally)
     signal.signal(signal.SIGTERM, _interrupt)
     code = 0
@@ -84,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         run_config = (f"preset='{args.preset}' al-method='{method}' seed={seed} output-dir='{out}' "
                       f"run-name='{run_dir.name}' {args.run_config}")
+        if run_dir.exists():  # interrupted after a checkpoint (checked above)
+            print(f"compare: continuing {run_dir} from its checkpoint", flush=True)
+            run_config += f" resume-from='{run_dir}'"
         code = launch.run(ROOT, run_config, num_clients=args.num_clients, cpus=1, gpus=0.0, timeout=24 * 3600)
         if code != 0:
             print(f"compare: {run_dir.name} failed (exit {code}); reporting the completed runs", flush=True)

@@ -9,8 +9,10 @@ Per cycle (FairFAL's main.py l.179-207), with cycle 0 labeled at random::
                federated training (any `method`, Flower's strategy via FedLTStrategy) on
                the labeled sets only, then the test accuracy of the final global model.
 
-The query uses the global model at the end of the previous cycle. One line of
-metrics.jsonl per cycle: ``round`` is the cycle number (1-based). With
+The query uses the global model at the end of the previous cycle. With
+``checkpoint-every`` above 0 a checkpoint follows every cycle, and
+``resume-from`` continues an interrupted run after its last finished cycle (see
+:class:`CycleCheckpoint`). One line of metrics.jsonl per cycle: ``round`` is the cycle number (1-based). With
 ``al-cycle-curve`` the line also holds the cycle's curve (``cycle_accuracy``,
 ``cycle_tail_accuracy``: the global model's test accuracy after each of its
 rounds), the measurement that shows whether ``fl-rounds-per-cycle`` lets every
@@ -21,20 +23,21 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import replace
+from dataclasses import dataclass, replace
+from pathlib import Path
 from logging import INFO
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.logger import log
 from flwr.serverapp import Grid
 
 from fedlt_app.active import protocol
 from fedlt_app.active.budget import BudgetPlan, budget_plan, capacity_problems
 from fedlt_app.active.query import choose_models
-from fedlt_app.checkpoint import save_final_model
+from fedlt_app.checkpoint import check_resumable, load_checkpoint, save_checkpoint, save_final_model
 from fedlt_app.config import ConfigError, RunConfig
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data import FederatedData, tail_classes
@@ -128,6 +131,46 @@ def _class_counts(answers: dict[int, MetricRecord]) -> list[int] | None:
     return [int(n) for n in np.sum(np.asarray(reported, dtype=np.int64), axis=0)]
 
 
+@dataclass
+class CycleCheckpoint:
+    """What continuing an active-learning run after ``cycles_done`` finished cycles needs.
+
+    The labeled sets live on the clients, and a resumed run is a new Flower run whose clients start
+    with none; they never leave the clients either. So the server keeps what the queries were given
+    (each finished cycle's global model) and replays the queries: every client redraws its initial
+    set and re-runs each query on the same model with the same seeds, which rebuilds its labeled set
+    without any index crossing the wire. Each replayed selection must match the digest the client
+    reported the first time (``selection_digests``), so a replay that would label other samples (a
+    different machine or library version) stops the run instead of continuing it on other data.
+    Training is not replayed: the next cycle starts from the stored models, rounds and server RNG.
+    """
+
+    cycles_done: int
+    rounds_done: int
+    final_arrays: list[dict[str, np.ndarray]]  # the global model after each finished cycle
+    digests: list[list[int]]  # the clients' selection digests of each finished cycle
+    torch_rng: torch.Tensor
+
+    KIND = "active-learning"
+
+    def state(self, cfg: RunConfig) -> dict[str, Any]:
+        return {"kind": self.KIND, "round": self.cycles_done, "run_config": cfg.as_dict(),
+                "rounds_done": self.rounds_done, "final_arrays": self.final_arrays, "digests": self.digests,
+                "torch_rng": self.torch_rng}
+
+    @classmethod
+    def load(cls, run_dir: Path, cfg: RunConfig) -> CycleCheckpoint:
+        state = load_checkpoint(run_dir)
+        if state.get("kind") != cls.KIND:
+            raise ConfigError(f"resume-from: {run_dir} holds a federated run's checkpoint, not an active-learning one")
+        check_resumable(state["run_config"], cfg.as_dict())
+        return cls(int(state["round"]), int(state["rounds_done"]), state["final_arrays"], state["digests"],
+                   state["torch_rng"])
+
+    def arrays(self, cycle: int) -> ArrayRecord:
+        return ArrayRecord({key: Array(value) for key, value in self.final_arrays[cycle].items()})
+
+
 def _plan(cfg: RunConfig, data: FederatedData, num_clients: int) -> BudgetPlan:
     try:
         plan = budget_plan(len(data.train_indices), num_clients, cfg.al_query_ratio, cfg.al_end_ratio)
@@ -155,8 +198,14 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
     info = {**federation_info(num_clients, data.class_counts, data.client_indices, data.dataset.train_labels.numpy(),
                               tail, context.run_id),
             "active_learning": plan.as_dict(), "server_precision": precision.name}
-    default_name = f"{cfg.al_method}-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{context.run_id}"
-    run_dir = run_directory(cfg if cfg.run_name else replace(cfg, run_name=default_name), context.run_id)
+    resumed: CycleCheckpoint | None = None
+    if cfg.resume_from:
+        run_dir = Path(cfg.resume_from).expanduser()
+        resumed = CycleCheckpoint.load(run_dir, cfg)
+        log(INFO, "[fedlt-al] resuming %s after cycle %d: replaying its queries", run_dir, resumed.cycles_done)
+    else:
+        default_name = f"{cfg.al_method}-{cfg.method}-{cfg.dataset}-{time.strftime('%Y%m%d-%H%M%S')}-{context.run_id}"
+        run_dir = run_directory(cfg if cfg.run_name else replace(cfg, run_name=default_name), context.run_id)
     log(INFO, "[fedlt-al] %s: %d cycles, %d labels per client per cycle (N_train %d, %d clients) -> %s",
         cfg.al_method, plan.num_cycles, plan.per_client, plan.n_train, num_clients, run_dir)
 
@@ -164,7 +213,8 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
         return evaluate(strategy.server_method.evaluation_model(model), test_images, test_labels, cfg.dataset, tail,
                         data.class_counts, precision=precision)
 
-    with RunRecorder(cfg, run_dir, info, pictures=cfg.pictures) as recorder:
+    with RunRecorder(cfg, run_dir, info, resume_after=resumed.cycles_done if resumed else None,
+                     pictures=cfg.pictures) as recorder:
         started = time.perf_counter()
         answers = federation.ask(protocol.INIT, RecordDict({"config": ConfigRecord({"initial": plan.initial})}))
         sizes = _check_labeled(answers, plan.initial, protocol.INIT)
@@ -173,6 +223,7 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
         previous: ArrayRecord | None = None
         r_bar: float | None = None
         rounds_done = 0
+        finished = CycleCheckpoint(0, 0, [], [], torch.get_rng_state())
         for cycle, target_ratio in enumerate(plan.ratios):
             query: dict[str, Any] = {}
             if cycle > 0:
@@ -187,6 +238,21 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
                                                                strict=True)]
                 query["query_seconds"] = time.perf_counter() - query_started
             digests = [int(m["selection-digest"]) for m in answers.values()]
+            if resumed is not None and cycle < resumed.cycles_done:  # a replayed query: same labels, no training
+                if digests != resumed.digests[cycle]:
+                    raise RuntimeError(
+                        f"resume-from: the clients' replayed selections of cycle {cycle + 1} differ from the "
+                        f"checkpointed run's (digests {digests} != {resumed.digests[cycle]}); it cannot be "
+                        "continued on this machine or software")
+                previous = resumed.arrays(cycle)
+                rounds_done += cfg.fl_rounds_per_cycle
+                if cycle == resumed.cycles_done - 1:
+                    assert rounds_done == resumed.rounds_done
+                    torch.set_rng_state(resumed.torch_rng)
+                    finished = resumed
+                    log(INFO, "[fedlt-al] replayed %d cycles' queries; training cycle %d", cycle + 1, cycle + 2)
+                started = time.perf_counter()
+                continue
 
             model, strategy, previous, curve = _train_cycle(grid, cfg, data, federation, cycle, rounds_done, previous,
                                                             device, evaluate_global if cfg.al_cycle_curve else None)
@@ -217,6 +283,11 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
                 plan.num_cycles, record["labeled_ratio"], evaluation.accuracy, evaluation.tail_accuracy,
                 record["round_seconds"])
             started = time.perf_counter()
+            finished = CycleCheckpoint(cycle + 1, rounds_done,
+                                       [*finished.final_arrays, {k: a.numpy() for k, a in previous.items()}],
+                                       [*finished.digests, digests], torch.get_rng_state())
+            if cfg.checkpoint_every:
+                save_checkpoint(run_dir, finished.state(cfg))
             if cycle == plan.num_cycles - 1:  # the last cycle's model, as the federated runs keep theirs
                 save_final_model(run_dir, strategy.server_method.evaluation_model(model).travelling_state(),
                                  cfg.as_dict(), num_clients, rounds_done)
