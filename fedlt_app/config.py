@@ -626,7 +626,7 @@ class RunConfig:
         """The clients' learning rate in ``server_round`` (from 1; in active learning the run-wide round, whose
         place in its cycle decides): ``local-lr``, times ``lr-decay`` past ``lr-decay-after`` of the rounds."""
         rounds = self.fl_rounds_per_cycle if self.al_method != "none" else self.num_server_rounds
-        index = (server_round - 1) % rounds if self.al_method != "none" else server_round - 1
+        index = (server_round - 1) % rounds  # a plain run's rounds never pass num-server-rounds
         return self.local_lr * (self.lr_decay if index > math.floor(self.lr_decay_after * rounds) else 1.0)
 
     def as_dict(self) -> dict[str, Any]:
