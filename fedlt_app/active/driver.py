@@ -24,8 +24,8 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from logging import INFO
+from pathlib import Path
 from typing import Any
 
 import numpy as np
