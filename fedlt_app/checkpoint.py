@@ -14,15 +14,18 @@ run (a new Flower run) starts it afresh.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord
 
 from fedlt_app.config import recorded_value
+
+if TYPE_CHECKING:
+    from fedlt_app.config import RunConfig
 
 CHECKPOINT_FILE = "checkpoint.pt"
 # The network the last round evaluated (a re-training method's calibrated head included), for inference.
@@ -110,3 +113,31 @@ def check_resumable(saved: dict[str, Any], current: dict[str, Any]) -> None:
     if changed:
         details = ", ".join(f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in changed)
         raise ValueError(f"resume-from: the run config differs from the checkpointed run ({details})")
+
+
+def _shown(value: Any) -> str:
+    return f"{value:.6g}" if isinstance(value, float) else repr(value)
+
+
+def check_schedule_kept(saved: RunConfig, current: RunConfig, rounds_done: int,
+                        round_plan: Callable[[RunConfig, int], Mapping[str, Any]]) -> None:
+    """Refuse a resume whose new ``num-server-rounds`` changes what a finished round did.
+
+    Some of a round's work depends on its place among all the rounds (the learning rate past
+    ``lr-decay-after`` of them, RUCR's last rectification rounds, a last-round calibration). Growing
+    ``num-server-rounds`` moves those points; a finished round that would now fall on the other side
+    was trained under another schedule, and the resumed run would be neither the checkpointed run nor
+    an uninterrupted run of the new length. ``round_plan(cfg, r)``: what round ``r`` does, by name.
+    """
+    if saved.num_server_rounds == current.num_server_rounds:
+        return
+    for server_round in range(1, rounds_done + 1):
+        before, now = round_plan(saved, server_round), round_plan(current, server_round)
+        moved = [f"{name} {_shown(before[name])} -> {_shown(now[name])}"
+                 for name in before if before[name] != now[name]]
+        if moved:
+            raise ValueError(
+                f"resume-from: num-server-rounds {saved.num_server_rounds} -> {current.num_server_rounds} changes "
+                f"round {server_round}, which the checkpointed run has finished ({', '.join(moved)}); resume with "
+                f"num-server-rounds {saved.num_server_rounds}, or start a new run"
+            )

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
+from functools import partial
 from logging import INFO
 from pathlib import Path
+from typing import Any
 
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -15,6 +18,7 @@ from fedlt_app.active.driver import run_active_learning
 from fedlt_app.checkpoint import (
     FINAL_MODEL_FILE,
     check_resumable,
+    check_schedule_kept,
     load_checkpoint,
     optimizer_state,
     restore_optimizer_state,
@@ -27,6 +31,7 @@ from fedlt_app.data import tail_classes
 from fedlt_app.discovery import discover_clients
 from fedlt_app.generative.phase import generate_on_clients
 from fedlt_app.methods import get_method
+from fedlt_app.methods.base import ServerMethod
 from fedlt_app.metrics import evaluate
 from fedlt_app.precision import precision_for
 from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
@@ -48,6 +53,13 @@ def checkpoint_state(strategy: FedLTStrategy, cfg: RunConfig, server_round: int,
     }
 
 
+def round_plan(server: type[ServerMethod], cfg: RunConfig, server_round: int) -> dict[str, Any]:
+    """What round ``server_round`` does that depends on ``num-server-rounds``: the shared loop's learning rate
+    and the method's own (:meth:`ServerMethod.round_plan`)."""
+    return {"local learning rate (lr-decay, lr-decay-after)": cfg.local_lr_at(server_round),
+            **server.round_plan(cfg, server_round)}
+
+
 def restore(strategy: FedLTStrategy, cfg: RunConfig, run_dir: Path) -> tuple[int, ArrayRecord]:
     """Load a checkpoint into the strategy; returns the last finished round and the arrays it ended with.
 
@@ -57,6 +69,8 @@ def restore(strategy: FedLTStrategy, cfg: RunConfig, run_dir: Path) -> tuple[int
     """
     state = load_checkpoint(run_dir)
     check_resumable(state["run_config"], cfg.as_dict())
+    saved = dataclasses.replace(cfg, num_server_rounds=int(state["run_config"]["num-server-rounds"]))
+    check_schedule_kept(saved, cfg, int(state["round"]), partial(round_plan, type(strategy.server_method)))
     arrays = ArrayRecord({k: Array(v) for k, v in state["arrays"].items()})
     strategy.global_model.load_travelling_state(arrays.to_torch_state_dict())
     restore_optimizer_state(strategy.inner, state["optimizer"])

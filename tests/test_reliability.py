@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from flwr.app import ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord
 from test_strategy import (  # the strategy tests' message builders
     error_reply,
     make_grid,
@@ -22,13 +23,16 @@ from test_strategy import (  # the strategy tests' message builders
 
 from fedlt_app.checkpoint import (
     check_resumable,
+    check_schedule_kept,
     load_checkpoint,
     optimizer_state,
     restore_optimizer_state,
     save_checkpoint,
 )
 from fedlt_app.config import resolve
+from fedlt_app.methods import get_method
 from fedlt_app.results import RunRecorder
+from fedlt_app.server_app import checkpoint_state, restore, round_plan
 from fedlt_app.strategy import ClientFailures
 
 
@@ -120,6 +124,43 @@ def test_resume_refuses_a_different_config() -> None:
     check_resumable(saved, resolve({"num-server-rounds": 40, "resume-from": "x"}).as_dict())  # allowed changes
     with pytest.raises(ValueError, match="resume-from: .*local-lr"):
         check_resumable(saved, resolve({"local-lr": 0.5}).as_dict())
+
+
+def test_resume_refuses_a_new_round_count_that_moves_a_finished_rounds_schedule() -> None:
+    """Growing num-server-rounds is allowed only while every finished round keeps what it did."""
+    plan = partial(round_plan, get_method("fedavg").server)
+    decayed = {"lr-decay": 0.1, "lr-decay-after": 0.75}
+    saved, longer = resolve({**decayed, "num-server-rounds": 100}), resolve({**decayed, "num-server-rounds": 150})
+    check_schedule_kept(saved, longer, 76, plan)  # the 100-round run decays from round 77: 1-76 as in a 150-round run
+    with pytest.raises(ValueError, match=r"100 -> 150 changes round 77, .*\(lr-decay, lr-decay-after\) 0.005 -> 0.05"):
+        check_schedule_kept(saved, longer, 77, plan)
+    check_schedule_kept(resolve({"num-server-rounds": 100}), resolve({"num-server-rounds": 150}), 100, plan)  # no decay
+
+    rucr = {"method": "rucr", "rucr-crt-rounds": 4}  # rectifies rounds 96-100 of 100 and asks no class means after 100
+    plan = partial(round_plan, get_method("rucr").server)
+    saved, longer = resolve({**rucr, "num-server-rounds": 100}), resolve({**rucr, "num-server-rounds": 150})
+    check_schedule_kept(saved, longer, 95, plan)
+    with pytest.raises(ValueError, match=r"round 96, .*rectification \(rucr-crt-rounds\) True -> False"):
+        check_schedule_kept(saved, longer, 100, plan)
+
+    ccvr = {"method": "ccvr", "ccvr-calibrate": "final"}
+    plan = partial(round_plan, get_method("ccvr").server)
+    saved, longer = resolve({**ccvr, "num-server-rounds": 100}), resolve({**ccvr, "num-server-rounds": 150})
+    check_schedule_kept(saved, longer, 99, plan)
+    with pytest.raises(ValueError, match=r"round 100, .*calibration \(ccvr-calibrate\) True -> False"):
+        check_schedule_kept(saved, longer, 100, plan)
+
+
+def test_restore_checks_the_schedule_of_the_finished_rounds(tmp_path: Path) -> None:
+    """server_app.restore applies the check: a grown run is resumed only where no finished round moves."""
+    decayed = {"method": "redgrape", "lr-decay": 0.1, "lr-decay-after": 0.5}
+    strategy = make_strategy()
+    saved = resolve({**decayed, "num-server-rounds": 4})
+    arrays = ArrayRecord(strategy.global_model.travelling_state())
+    save_checkpoint(tmp_path, checkpoint_state(strategy, saved, 4, arrays))  # finished; round 4 (past 2 of 4) decayed
+    with pytest.raises(ValueError, match="num-server-rounds 4 -> 8 changes round 4"):  # decays past 4 of 8
+        restore(make_strategy(), resolve({**decayed, "num-server-rounds": 8}), tmp_path)
+    assert restore(make_strategy(), resolve({**decayed, "num-server-rounds": 5}), tmp_path)[0] == 4  # past 2 of 5
 
 
 def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:

@@ -250,7 +250,8 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
                     assert rounds_done == resumed.rounds_done
                     torch.set_rng_state(resumed.torch_rng)
                     finished = resumed
-                    log(INFO, "[fedlt-al] replayed %d cycles' queries; training cycle %d", cycle + 1, cycle + 2)
+                    replayed = "cycle 1" if cycle == 0 else f"cycles 1-{cycle + 1}"
+                    log(INFO, "[fedlt-al] replayed the queries of %s; training cycle %d", replayed, cycle + 2)
                 started = time.perf_counter()
                 continue
 

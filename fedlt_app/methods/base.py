@@ -199,6 +199,15 @@ class ServerMethod:
         # inside one context would be seen stale by every later forward.
         self.precision = precision_for(cfg.precision, next(model.parameters()).device)
 
+    @classmethod
+    def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
+        """What round ``server_round`` of a run of ``cfg`` does that depends on its place among
+        ``num-server-rounds``, by name (RUCR's rectification rounds, a last-round calibration); a resume
+        that changes ``num-server-rounds`` must leave it unchanged for every finished round
+        (:func:`fedlt_app.checkpoint.check_schedule_kept`). A class method: it is asked of the
+        checkpointed run's config too, without building that run's server state."""
+        return {}
+
     def begin_round(self, server_round: int, cohort: list[int]) -> None:
         """Called before ``broadcast`` with the partition ids of the round's sampled cohort (RUCR's prototypes
         are over the round's clients); some of them may fail later."""

@@ -127,8 +127,13 @@ class CCVRServer(ServerMethod):
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
         self.classifier = None  # a new global model: last round's calibration no longer fits it
 
+    @classmethod
+    def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
+        return {"calibration (ccvr-calibrate)": cfg.ccvr_calibrate == "every-round"
+                or server_round == cfg.num_server_rounds}
+
     def wants_statistics(self, server_round: int) -> bool:
-        return self.cfg.ccvr_calibrate == "every-round" or server_round == self.cfg.num_server_rounds
+        return self.round_plan(self.cfg, server_round)["calibration (ccvr-calibrate)"]
 
     def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
                           reports: list[ClientReport]) -> None:

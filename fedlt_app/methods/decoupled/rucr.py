@@ -268,8 +268,14 @@ class RUCRServer(ServerMethod):
                   if FEATURE_LOSS in r.payload and np.isfinite(r.payload[FEATURE_LOSS][0])]
         self.feature_loss = float(np.mean(losses)) if losses else float("nan")
 
+    @classmethod
+    def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
+        return {"rectification (rucr-crt-rounds)": rectification_round(cfg, server_round),
+                # the next round's prototypes; none after the last
+                "class-means query for the next round": server_round < cfg.num_server_rounds}
+
     def wants_statistics(self, server_round: int) -> bool:
-        return server_round < self.cfg.num_server_rounds  # the next round's prototypes; none after the last
+        return self.round_plan(self.cfg, server_round)["class-means query for the next round"]
 
     def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
                           reports: list[ClientReport]) -> None:

@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import math
+from typing import Any
 
 import numpy as np
 import torch
@@ -176,10 +177,13 @@ class FedETFServer(ServerMethod):
             model.classifier.temperature.fill_(cfg.fedetf_temperature)
         self.temperature = cfg.fedetf_temperature
 
+    @classmethod
+    def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
+        return {"personal fine-tuning (fedetf-finetune)": cfg.fedetf_finetune == "every-round" or (
+            cfg.fedetf_finetune == "last-round" and server_round == cfg.num_server_rounds)}
+
     def fine_tunes(self, server_round: int) -> bool:
-        if self.cfg.fedetf_finetune == "every-round":
-            return True
-        return self.cfg.fedetf_finetune == "last-round" and server_round == self.cfg.num_server_rounds
+        return self.round_plan(self.cfg, server_round)["personal fine-tuning (fedetf-finetune)"]
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         return {FINE_TUNE: np.ones(1, dtype=np.int8)} if self.fine_tunes(server_round) else {}

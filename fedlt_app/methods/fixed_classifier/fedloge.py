@@ -61,6 +61,7 @@ from __future__ import annotations
 import copy
 import functools
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -287,10 +288,13 @@ class FedLoGeServer(ServerMethod):
         self.server_round = 0
         self.aux_norms = np.ones(model.num_classes)
 
+    @classmethod
+    def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
+        return {"realignment (fedloge-realign)": cfg.fedloge_realign == "every-round" or (
+            cfg.fedloge_realign == "last-round" and server_round == cfg.num_server_rounds)}
+
     def realigns(self, server_round: int) -> bool:
-        if self.cfg.fedloge_realign == "every-round":
-            return True
-        return self.cfg.fedloge_realign == "last-round" and server_round == self.cfg.num_server_rounds
+        return self.round_plan(self.cfg, server_round)["realignment (fedloge-realign)"]
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         self.server_round = server_round
