@@ -7,6 +7,10 @@ Used by ``benchmarks/speed.py`` as the reference time, and handy to try a
 setting quickly.  Prints one line per round.
 
     python benchmarks/plain_loop.py --run-config "method='fedavg' num-server-rounds=3" --num-clients 10
+    python benchmarks/plain_loop.py --run-config "method='redgrape' device='cuda'"   # on a GPU
+
+Everything computes on the run config's ``device`` (``auto``: a GPU if one is visible), as the app's
+ServerApp and ClientApp do.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from fedlt_app.data import tail_classes
 from fedlt_app.methods import ClientReport, get_method
 from fedlt_app.metrics import evaluate
 from fedlt_app.strategy import sample_cohort
-from fedlt_app.task import client_seed, initial_model
+from fedlt_app.task import client_seed, initial_model, resolve_device
 from fedlt_app.train import LocalTraining, train_locally
 
 
@@ -37,7 +41,7 @@ def run(overrides: dict, num_clients: int) -> list[dict]:
     cfg = resolve(overrides)
     data = federated_data(cfg, num_clients)
     method = get_method(cfg.method)
-    global_model = initial_model(cfg, data)
+    global_model = initial_model(cfg, data).to(resolve_device(cfg.device))
     server = method.server(cfg, global_model, data)
     worker = copy.deepcopy(global_model)
     tail = tail_classes(data.class_counts)

@@ -30,6 +30,7 @@ from fedlt_app.methods.fixed_classifier.fedloge import (
     FedLoGeClient,
     FedLoGeHeads,
     FedLoGeServer,
+    RealignedHead,
     add_fedloge_heads,
     sparse_etf,
     sse_objective,
@@ -399,3 +400,14 @@ def test_fedloge_run_records_personalised_accuracy(tmp_path: Path, monkeypatch: 
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert summary["final_personalised_accuracy"] == rows[-1]["personalised_accuracy"]
+
+
+def test_a_realigned_head_keeps_its_class_mask_on_its_own_device() -> None:
+    """Found on a GPU (results/gpu-check): the default all-held mask was made on the CPU beside GPU weights.
+    The meta device stands in for the GPU here: any device but the CPU shows where the mask lives."""
+    weight, bias = torch.zeros(3, 4, device="meta"), torch.zeros(3, device="meta")
+    assert RealignedHead(weight, bias).held.device.type == "meta"
+    assert RealignedHead(weight, bias, torch.tensor([True, False, True])).held.device.type == "meta"
+    head = RealignedHead(torch.eye(3, 4), torch.zeros(3), torch.tensor([True, False, True]))
+    logits = head(torch.ones(2, 4))
+    assert torch.isinf(logits[:, 1]).all() and torch.isfinite(logits[:, [0, 2]]).all()

@@ -218,7 +218,8 @@ class RealignedHead(nn.Module):
         super().__init__()
         self.register_buffer("weight", weight.detach().clone())
         self.register_buffer("bias", bias.detach().clone())
-        self.register_buffer("held", held.clone() if held is not None else torch.ones(len(bias), dtype=torch.bool))
+        self.register_buffer("held", held.to(bias.device, copy=True) if held is not None
+                             else torch.ones(len(bias), dtype=torch.bool, device=bias.device))
 
     def forward(self, h: Tensor) -> Tensor:
         return F.linear(h, self.weight.to(h.dtype), self.bias.to(h.dtype)).float().masked_fill(~self.held,
