@@ -3,7 +3,9 @@
 #
 # 1. Every test that needs no Ray (`-m "not e2e"`): the in-process federations among them run the real
 #    ServerApp and ClientApp with device=auto, so every method's client hooks, payloads and precisions
-#    run on the GPU; unit tests that build CPU tensors themselves stay on the CPU.
+#    run on the GPU (with the clip and regl extras importable, the CLIP methods and ReGL's generation and
+#    LoRA too); unit tests that build CPU tensors themselves stay on the CPU. Every UserWarning is shown,
+#    and those about determinism are counted: an op with no deterministic CUDA kernel warns there.
 # 2. The plain loop (benchmarks/plain_loop.py) on the converged protocol's setting (Fashion-MNIST-LT,
 #    10 clients, 1 epoch, batch 64), FedAvg and RedGrape in fp32, bf16 and fp16, clients on the GPU:
 #    per-round times and accuracies, and FedAvg fp32 twice, to see whether a GPU run repeats to the digit.
@@ -26,8 +28,9 @@ EOF
 cat "$out/machine.txt"
 
 OMP_NUM_THREADS=2 timeout "${PYTEST_SECONDS:-330}" python3 -m pytest -q -m "not e2e" -n "${WORKERS:-8}" -p no:cacheprovider -rfE \
-    --junitxml="$out/junit.xml" > "$out/pytest.log" 2>&1
+    -W "always::UserWarning" --junitxml="$out/junit.xml" > "$out/pytest.log" 2>&1
 echo "pytest exit $?"; tail -n 25 "$out/pytest.log"
+echo "warnings about determinism:"; grep -i "determinis" "$out/pytest.log" | sort | uniq -c
 
 setting="dataset='fmnist' model='cnn' imbalance-profile='exp' imbalance-ratio=100.0 partition='dirichlet'
 dirichlet-alpha=1.0 clients-per-round=0 local-epochs=1 batch-size=64 local-lr=0.05 momentum=0.9 grad-clip=1.0

@@ -37,13 +37,19 @@ def make_cuda_deterministic() -> None:
     two GPU runs of one seed then part in the last digits within a few rounds (seen on an H200: FedAvg's
     round-3 accuracy 0.3442 against 0.3444; an active-learning resume no longer ends where the uninterrupted
     run did). cuBLAS needs its workspace fixed before its first handle is made, hence the environment
-    variable (an existing setting is kept). Ops with no deterministic CUDA kernel warn instead of stopping
+    variable (an existing setting is kept); attention runs its plain kernel, as the fused ones ignore the flag. Ops with no deterministic CUDA kernel warn instead of stopping
     the run. Process-wide, like the RNG seeds; on CPUs nothing changes, as fedlt's CPU kernels repeat already.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
     torch.backends.cudnn.deterministic = True
     torch.use_deterministic_algorithms(True, warn_only=True)
+    # The fused attention kernels (cuDNN, flash, memory-efficient) keep a non-deterministic backward under
+    # warn_only (seen on an H200: PromptFL and CAPT, through CLIP's transformer, warned for each in turn);
+    # the plain matmul-and-softmax kernel is deterministic.
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    torch.backends.cuda.enable_flash_sdp(False)
+    torch.backends.cuda.enable_mem_efficient_sdp(False)
 
 
 def node_partition(node_config: Mapping[str, Any]) -> tuple[int, int]:

@@ -79,6 +79,12 @@ def save_tiny_pipeline(directory: Path) -> Path:
     return folder
 
 
+# Generation and LoRA on each device present: the CPU everywhere, a GPU where one is visible (fp16 there).
+DEVICES = [pytest.param(torch.device("cpu"), id="cpu"),
+           pytest.param(torch.device("cuda"), id="cuda",
+                        marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+
+
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pytest.importorskip("diffusers", reason=SKIP_REASON)
@@ -196,13 +202,15 @@ def test_conversion_to_the_data_sets_images() -> None:
     assert colour.shape == (2, 3, 32, 32) and colour[0, :, 5, 5].tolist() == [255, 0, 0]
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("dataset", "shape"), [("fmnist", (1, 28, 28)), ("cifar10", (3, 32, 32))])
 def test_generated_images_have_the_data_sets_shape_and_labels(tiny_pipeline: Path, tmp_path: Path, dataset: str,
-                                                              shape: tuple[int, int, int]) -> None:
+                                                              shape: tuple[int, int, int],
+                                                              device: torch.device) -> None:
     counts = [5, 0, 2, 5, 1, 5, 4, 0, 3, 5]
     data, images, labels = client_data(dataset, shape, counts)
     cfg = regl_config(tiny_pipeline, tmp_path, dataset=dataset)
-    mixed_images, mixed_labels, synthetic = with_synthetic(cfg, data, images, labels, 0, torch.device("cpu"))
+    mixed_images, mixed_labels, synthetic = with_synthetic(cfg, data, images, labels, 0, device)
     assert synthetic is not None and synthetic.num_real == len(labels) and not synthetic.cached
     assert synthetic.images.dtype == torch.uint8 and tuple(synthetic.images.shape[1:]) == shape
     assert class_counts(synthetic.labels, 10).tolist() == [5 - n for n in counts]
@@ -210,11 +218,12 @@ def test_generated_images_have_the_data_sets_shape_and_labels(tiny_pipeline: Pat
     assert torch.equal(mixed_images[: len(labels)], images)  # the real images first, untouched
     assert synthetic.images.float().std() > 0  # not blank
     off = resolve({"dataset": dataset})
-    assert with_synthetic(off, data, images, labels, 0, torch.device("cpu"))[2] is None
+    assert with_synthetic(off, data, images, labels, 0, device)[2] is None
 
 
-def test_images_depend_only_on_seed_client_class_and_index(tiny_pipeline: Path, tmp_path: Path) -> None:
-    device = torch.device("cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_images_depend_only_on_seed_client_class_and_index(tiny_pipeline: Path, tmp_path: Path,
+                                                           device: torch.device) -> None:
     data, images, labels = client_data("fmnist", (1, 28, 28), [3, 0, 3, 3, 3, 3, 3, 3, 3, 3])
     cfg = regl_config(tiny_pipeline, tmp_path / "a")
     first = synthetic_data(cfg, data, images, labels, 4, device)  # class 1 only, three images
@@ -286,11 +295,12 @@ def test_the_cache_is_reused_and_invalidated(tiny_pipeline: Path, tmp_path: Path
 # ---------------------------------------------------------------- LoRA
 
 
-def test_lora_trains_only_the_adapter(tiny_pipeline: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_trains_only_the_adapter(tiny_pipeline: Path, tmp_path: Path, device: torch.device) -> None:
     from fedlt_app.generative.lora import adapt, adapter_state
     from fedlt_app.generative.pipeline import load_pipeline
 
-    pipe = load_pipeline(str(tiny_pipeline), torch.device("cpu"))
+    pipe = load_pipeline(str(tiny_pipeline), device)
     before = {name: {k: v.clone() for k, v in getattr(pipe, name).state_dict().items()}
               for name in ("unet", "vae", "text_encoder")}
     data, images, labels = client_data("fmnist", (1, 28, 28), [3] * 10)
@@ -311,8 +321,9 @@ def test_lora_trains_only_the_adapter(tiny_pipeline: Path, tmp_path: Path) -> No
     assert not any(p.requires_grad for p in pipe.unet.parameters())
 
 
-def test_lora_images_are_cached_under_the_clients_data(tiny_pipeline: Path, tmp_path: Path) -> None:
-    device = torch.device("cpu")
+@pytest.mark.parametrize("device", DEVICES)
+def test_lora_images_are_cached_under_the_clients_data(tiny_pipeline: Path, tmp_path: Path,
+                                                       device: torch.device) -> None:
     data, images, labels = client_data("fmnist", (1, 28, 28), [2, 0, 2, 2, 2, 2, 2, 2, 2, 2])
     lora = {"regl-lora": True, "regl-lora-steps": 2, "regl-lora-lr": 0.05, "regl-lora-batch-size": 2}
     plain = synthetic_data(regl_config(tiny_pipeline, tmp_path), data, images, labels, 0, device)
