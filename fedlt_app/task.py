@@ -37,8 +37,10 @@ def make_cuda_deterministic() -> None:
     two GPU runs of one seed then part in the last digits within a few rounds (seen on an H200: FedAvg's
     round-3 accuracy 0.3442 against 0.3444; an active-learning resume no longer ends where the uninterrupted
     run did). cuBLAS needs its workspace fixed before its first handle is made, hence the environment
-    variable (an existing setting is kept); attention runs its plain kernel, as the fused ones ignore the flag. Ops with no deterministic CUDA kernel warn instead of stopping
-    the run. Process-wide, like the RNG seeds; on CPUs nothing changes, as fedlt's CPU kernels repeat already.
+    variable (an existing setting is kept); attention runs its plain kernel, as the fused ones ignore the
+    flag. Ops with no deterministic CUDA kernel warn instead of stopping the run (none that fedlt's tests
+    reach did: results/gpu-check). Process-wide, like the RNG seeds; on CPUs nothing changes, as fedlt's CPU
+    kernels repeat already.
     """
     os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     torch.backends.cudnn.benchmark = False
