@@ -112,11 +112,15 @@ def ceiling(run_dir: Path, oracle_per_class: int = 0) -> dict:
     lt_images, lt_labels = data.dataset.train_images[train_index], data.dataset.train_labels[train_index]
 
     test_h = features_of(model.encoder, test_images, cfg.dataset)
-    lt_h = features_of(model.encoder, lt_images, cfg.dataset)
     all_labels = data.dataset.train_labels
-    oracle_index = (torch.arange(len(all_labels)) if oracle_per_class <= 0 else
-                    torch.from_numpy(first_per_class(all_labels.numpy(), oracle_per_class)))
-    all_h = features_of(model.encoder, data.dataset.train_images[oracle_index], cfg.dataset)
+    if oracle_per_class <= 0:  # every training image: the long-tailed set is a subset, its features too
+        oracle_index = torch.arange(len(all_labels))
+        all_h = features_of(model.encoder, data.dataset.train_images, cfg.dataset)
+        lt_h = all_h[train_index]
+    else:
+        oracle_index = torch.from_numpy(first_per_class(all_labels.numpy(), oracle_per_class))
+        all_h = features_of(model.encoder, data.dataset.train_images[oracle_index], cfg.dataset)
+        lt_h = features_of(model.encoder, lt_images, cfg.dataset)
     with torch.no_grad():
         head_logits = model.classifier(test_h).float()
         prior = torch.tensor(data.class_counts, dtype=torch.float32)
