@@ -53,6 +53,7 @@ from fedlt_app.precision import Precision
 
 RETRAIN_MOMENTUM = 0.9  # FedLTLib's FedCCVR: getattr(args, "momentum", 0.9)
 RETRAIN_WEIGHT_DECAY = 1e-5  # FedLTLib's FedCCVR: getattr(args, "weight_decay", 1e-5)
+CALIBRATION_PLAN = "calibration (ccvr-calibrate)"  # round_plan's entry: a resume keeps it
 
 
 def class_moments(features: Tensor, labels: Tensor, num_classes: int) -> Payload:
@@ -129,11 +130,11 @@ class CCVRServer(ServerMethod):
 
     @classmethod
     def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
-        return {"calibration (ccvr-calibrate)": cfg.ccvr_calibrate == "every-round"
+        return {CALIBRATION_PLAN: cfg.ccvr_calibrate == "every-round"
                 or server_round == cfg.num_server_rounds}
 
     def wants_statistics(self, server_round: int) -> bool:
-        return self.round_plan(self.cfg, server_round)["calibration (ccvr-calibrate)"]
+        return self.round_plan(self.cfg, server_round)[CALIBRATION_PLAN]
 
     def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
                           reports: list[ClientReport]) -> None:

@@ -92,6 +92,7 @@ NORM_MEANS = "rucr-norm-means"  # (C, d) rectification rounds: count-weighted me
 NORM_HOLDERS = "rucr-norm-holders"  # (C,) bool, the classes some client holds (rows of NORM_MEANS that exist)
 WEIGHT, BIAS = "rucr-weight", "rucr-bias"  # a client's rectified classifier
 FEATURE_LOSS = "rucr-feature-loss"  # (1,) mean feature loss over the local steps (metrics)
+MEANS_QUERY_PLAN = "class-means query for the next round"  # round_plan's entry: a resume keeps it
 
 
 def rectification_round(cfg: RunConfig, server_round: int) -> bool:
@@ -272,10 +273,10 @@ class RUCRServer(ServerMethod):
     def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
         return {"rectification (rucr-crt-rounds)": rectification_round(cfg, server_round),
                 # the next round's prototypes; none after the last
-                "class-means query for the next round": server_round < cfg.num_server_rounds}
+                MEANS_QUERY_PLAN: server_round < cfg.num_server_rounds}
 
     def wants_statistics(self, server_round: int) -> bool:
-        return self.round_plan(self.cfg, server_round)["class-means query for the next round"]
+        return self.round_plan(self.cfg, server_round)[MEANS_QUERY_PLAN]
 
     def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
                           reports: list[ClientReport]) -> None:

@@ -54,6 +54,7 @@ from fedlt_app.train import LocalTraining, train_locally
 
 ETF_SEED = 0x45544621  # "ETF!": fixed, so the server and every client (any process) build the same ETF
 FINE_TUNE = "fedetf-finetune"  # in the broadcast of the rounds whose clients fine-tune their personal model
+FINE_TUNING_PLAN = "personal fine-tuning (fedetf-finetune)"  # round_plan's entry: a resume keeps it
 
 
 def simplex_etf(dim: int, num_classes: int, generator: torch.Generator) -> Tensor:
@@ -179,11 +180,11 @@ class FedETFServer(ServerMethod):
 
     @classmethod
     def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
-        return {"personal fine-tuning (fedetf-finetune)": cfg.fedetf_finetune == "every-round" or (
+        return {FINE_TUNING_PLAN: cfg.fedetf_finetune == "every-round" or (
             cfg.fedetf_finetune == "last-round" and server_round == cfg.num_server_rounds)}
 
     def fine_tunes(self, server_round: int) -> bool:
-        return self.round_plan(self.cfg, server_round)["personal fine-tuning (fedetf-finetune)"]
+        return self.round_plan(self.cfg, server_round)[FINE_TUNING_PLAN]
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         return {FINE_TUNE: np.ones(1, dtype=np.int8)} if self.fine_tunes(server_round) else {}

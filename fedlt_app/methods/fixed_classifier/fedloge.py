@@ -81,6 +81,7 @@ NORM_EPS = 1e-12  # a column (or row) of norm 0 stays 0 instead of dividing by z
 REALIGN = "fedloge-realign"  # in the broadcast of the rounds whose personalised models are realigned (LA)
 LOCAL_WEIGHT, LOCAL_BIAS = "fedloge-local-weight", "fedloge-local-bias"  # the client's state: its local head
 LOCAL_PREFIX = "classifier.local."  # the local head's entries in the model's state dict: never travel
+REALIGNMENT_PLAN = "realignment (fedloge-realign)"  # round_plan's entry: a resume keeps it
 
 
 # ---------------------------------------------------------------- SSE-C
@@ -291,11 +292,11 @@ class FedLoGeServer(ServerMethod):
 
     @classmethod
     def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
-        return {"realignment (fedloge-realign)": cfg.fedloge_realign == "every-round" or (
+        return {REALIGNMENT_PLAN: cfg.fedloge_realign == "every-round" or (
             cfg.fedloge_realign == "last-round" and server_round == cfg.num_server_rounds)}
 
     def realigns(self, server_round: int) -> bool:
-        return self.round_plan(self.cfg, server_round)["realignment (fedloge-realign)"]
+        return self.round_plan(self.cfg, server_round)[REALIGNMENT_PLAN]
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         self.server_round = server_round
