@@ -449,10 +449,49 @@ def markdown(res: SweepResults) -> str:
             f"N from which the last-{LAST_ROUNDS} mean at N and at N+{LAST_ROUNDS} stay within one point for every "
             f"later N of the run.\n\n" + markdown_table(convergence_table(res))
         )
+    if res.runs:
+        parts.append(machines_section(res))
     unfinished = {n: s for n, s in res.status.items() if s != "completed"}
     if unfinished:
         parts.append("## Unfinished cells\n\n" + "\n".join(f"- `{n}`: {s}" for n, s in unfinished.items()))
     return "\n\n".join(parts) + "\n"
+
+
+NOT_RECORDED = "not recorded (runs made before fedlt kept the server's machine)"
+
+
+def machine_label(config: dict[str, Any]) -> str:
+    """Where a run computed, as far as float rounding goes: the CPU and the kernels torch picked, or the GPU."""
+    machine = config.get("server_machine")
+    if not machine:
+        return NOT_RECORDED
+    label = f"{machine.get('cpu') or '?'} ({machine.get('cpu_capability') or '?'}), torch {machine.get('torch')}"
+    if str(config.get("server_device", "cpu")).startswith("cuda"):
+        label += f", GPU {machine.get('cuda_device') or '?'}"
+    return label
+
+
+def machines(res: SweepResults) -> list[tuple[str, list[str]]]:
+    """(machine, the completed runs computed there), the machine with most runs first."""
+    where: dict[str, list[str]] = {}
+    for name, run in res.runs.items():
+        where.setdefault(machine_label(run.config), []).append(name)
+    return sorted(where.items(), key=lambda item: (-len(item[1]), item[0]))
+
+
+def machines_section(res: SweepResults) -> str:
+    """table.md's account of where its runs computed: runs of one seed on other kernels differ in rounding."""
+    found = machines(res)
+    lines = ["## Machines", "",
+             "Where each completed run computed (the server process; a simulation's clients run there too)."]
+    if len(found) > 1:
+        lines.append("Runs paired across machines still share data, initialisation, cohorts and batches, but not "
+                     "float rounding (other kernels), so their paired differences include it.")
+    lines.append("")
+    for label, names in found:
+        shown = ", ".join(f"`{n}`" for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
+        lines.append(f"- {label}: {len(names)} run(s): {shown}")
+    return "\n".join(lines)
 
 
 def _csv_text(lines: Iterable[Sequence[Any]]) -> str:

@@ -120,6 +120,7 @@ def main(grid: Grid, context: Context) -> None:
     info = federation_info(num_clients, data.class_counts, data.client_indices, data.dataset.train_labels.numpy(),
                            tail, context.run_id)
     info["server_precision"] = precision.name  # what `precision` (e.g. auto) resolved to on the server's device
+    info["server_device"] = device.type  # what `device` (e.g. auto) resolved to: cpu or cuda
     if cfg.synthetic_data == "regl":  # ReGL: every client generates (or finds cached) its images before round 1
         info["synthetic"] = generate_on_clients(grid, node_of_partition, cfg.regl_generate_timeout)
     log(INFO, "[fedlt] results -> %s", run_dir)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from app_runs import run_app
 from fedlt_app.precision import cpu_has_native_bf16
@@ -118,6 +119,8 @@ def test_every_method_runs_through_the_apps(
     assert all(0.0 <= r["accuracy"] <= 1.0 and r["few_shot_accuracy"] is not None and "many_shot_accuracy" in r for r in rows)
     summary = json.loads((tmp_path / "out" / "m" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["config"]["run_config"]["method"] == method
+    # where it computed: `device` (auto) resolved, beside the machine whose kernels decided its rounding
+    assert summary["config"]["server_device"] == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @pytest.mark.e2e

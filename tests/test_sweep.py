@@ -580,3 +580,26 @@ def test_last10_drift_and_plateau_round() -> None:
     wobbly = rising + [{"accuracy": 0.5}] * 10
     assert report.plateau_round(wobbly, "accuracy") is None
     assert report.last10_drift(wobbly, "accuracy") == pytest.approx(-0.4)
+
+
+def test_table_says_where_its_runs_computed(tmp_path: Path) -> None:
+    epyc = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "torch": "2.14.1", "cuda_device": "NVIDIA H200"}
+    configs = {"a": {"server_machine": epyc, "server_device": "cpu"},  # a GPU visible, the run on the CPU
+               "b": {"server_machine": epyc, "server_device": "cpu"},
+               "c": {"server_machine": epyc, "server_device": "cuda"},
+               "d": {}}  # a run written before server_machine was recorded
+    runs = {n: report.Run({"name": n, "coords": {}}, tmp_path / n, [], c) for n, c in configs.items()}
+    res = report.SweepResults(tmp_path, {"cells": []}, runs, {n: "completed" for n in runs})
+    assert report.machines(res) == [("AMD EPYC (AVX2), torch 2.14.1", ["a", "b"]),
+                                    ("AMD EPYC (AVX2), torch 2.14.1, GPU NVIDIA H200", ["c"]),
+                                    (report.NOT_RECORDED, ["d"])]
+    text = report.machines_section(res)
+    assert "- AMD EPYC (AVX2), torch 2.14.1: 2 run(s): `a`, `b`" in text
+    assert "paired differences include it" in text  # more than one machine: the table says what that means
+    one = report.SweepResults(tmp_path, {"cells": []}, {"a": runs["a"]}, {"a": "completed"})
+    assert "paired differences include it" not in report.machines_section(one)
+
+
+def test_the_written_table_lists_the_machines(paired_sweep: Path) -> None:
+    text = (paired_sweep / "table.md").read_text()
+    assert "## Machines" in text and report.NOT_RECORDED in text  # fake runs record no machine
