@@ -25,9 +25,10 @@ METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss"
 # fednh per-class sums and counts,
 # fedgrab its clients' summed PID weights, moon its contrasting clients' count and summed term
 # (ServerMethod.sum_segments); fedetf / fednh's personalised
-# accuracy travels masked (the cohort's mean only).
+# accuracy travels masked (the cohort's mean only); ccvr's statistics query, per-class feature sums and second
+# moments, in a second secure instance (ServerMethod.statistics_sum_segments).
 SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "redgrape", "grape-la", "creff",
-                  "fedetf", "fednh", "fedgrab", "moon")
+                  "fedetf", "fednh", "fedgrab", "moon", "ccvr")
 CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")  # need the clip extra and clip-weights (fedlt_app/clip)
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)

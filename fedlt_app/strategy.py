@@ -28,7 +28,7 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, Strategy
 
-from fedlt_app.methods import ClientMethod, ClientReport, ServerMethod
+from fedlt_app.methods import ClientMethod, ClientReport, Payload, ServerMethod
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.records import (
     content_nbytes,
@@ -318,28 +318,68 @@ class FedLTStrategy(Strategy):
         """
         current = self.current
         assert current is not None, "statistics are gathered within a round"
+        messages = self._statistics_messages(current, arrays, partitions)
+        reports = []
+        for reply in self._statistics_replies(current, grid, messages, timeout):
+            current.bytes_up += content_nbytes(reply.content)
+            current.parameters_up += content_parameters(reply.content)
+            reports.append(ClientReport(self.partition_of_node[reply.metadata.src_node_id], 0,
+                                        record_to_payload(reply.content.get(METHOD_KEY))))
+        return reports
+
+    def collect_statistics_sums(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> Payload:
+        """``collect_statistics`` under secure aggregation: every client answers its method's
+        ``statistics_summands`` on ``arrays`` inside a second instance of the protocol, and the server
+        learns only their sum over the clients that answered (``ServerMethod.statistics_sum_segments``)."""
+        current = self.current
+        assert current is not None and self.secure is not None, "secure statistics are gathered within a round"
+        messages = self._statistics_messages(current, arrays, None, count=False)
+        self.secure.bytes_up = self.secure.bytes_down = 0  # the protocol's own queries, counted at the end
+        try:
+            kept = self.secure.prepare_sums(grid, current.server_round, messages,
+                                            self.server_method.statistics_sum_segments())
+            current.bytes_down += sum(content_nbytes(m.content) for m in kept)  # with their ciphertexts
+            current.parameters_down += sum(content_parameters(m.content) for m in kept)
+            answered = self._statistics_replies(current, grid, kept, timeout)
+            current.bytes_up += sum(content_nbytes(r.content) for r in answered)
+            current.parameters_up += masked_values(answered)
+            return self.secure.aggregate_sums(answered)
+        except SecAggError as err:
+            raise ClientFailures(f"round {current.server_round}: {err} (secure-aggregation=secagg, "
+                                 "statistics query)") from err
+        finally:
+            current.bytes_down += self.secure.bytes_down
+            current.bytes_up += self.secure.bytes_up
+
+    def _statistics_messages(self, current: RoundLog, arrays: ArrayRecord, partitions: list[int] | None,
+                             count: bool = True) -> list[Message]:
+        """The statistics query to ``partitions`` (None: every client); ``count``: its bytes go in the log now."""
         config = ConfigRecord({"server-round": current.server_round})
         asked = sorted(self.node_of_partition) if partitions is None else sorted(partitions)
         messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=self.node_of_partition[p],
                             message_type=f"{MessageType.QUERY}.{STATISTICS_QUERY}")
                     for p in asked]
-        current.bytes_down += sum(content_nbytes(m.content) for m in messages)
-        current.parameters_down += sum(content_parameters(m.content) for m in messages)
+        if count:
+            current.bytes_down += sum(content_nbytes(m.content) for m in messages)
+            current.parameters_down += sum(content_parameters(m.content) for m in messages)
+        return messages
+
+    def _statistics_replies(self, current: RoundLog, grid: Grid, messages: list[Message],
+                            timeout: float) -> list[Message]:
+        """The replies that succeeded, in partition order; a failing client is logged, none answering stops."""
         replies = sorted(grid.send_and_receive(messages, timeout=timeout),
                          key=lambda r: self.partition_of_node.get(r.metadata.src_node_id, -1))
-        reports = []
+        answered = []
         for reply in replies:
-            partition_id = self.partition_of_node.get(reply.metadata.src_node_id, -1)
             if reply.has_error():
                 log(WARNING, "Client with partition-id %d failed the statistics query in round %d: %s",
-                    partition_id, current.server_round, reply.error.reason)
+                    self.partition_of_node.get(reply.metadata.src_node_id, -1), current.server_round,
+                    reply.error.reason)
                 continue
-            current.bytes_up += content_nbytes(reply.content)
-            current.parameters_up += content_parameters(reply.content)
-            reports.append(ClientReport(partition_id, 0, record_to_payload(reply.content.get(METHOD_KEY))))
-        if not reports:
+            answered.append(reply)
+        if not answered:
             raise ClientFailures(f"round {current.server_round}: no client answered the statistics query")
-        return reports
+        return answered
 
     def _secure_prepare(self, grid: Grid, server_round: int, messages: list[Message],
                         arrays: ArrayRecord) -> list[Message]:

@@ -23,7 +23,15 @@ from fedlt_app.config import resolve
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data import tail_classes
 from fedlt_app.methods.base import ClientReport
-from fedlt_app.methods.decoupled.ccvr import CCVRClient, CCVRServer, class_moments, combine_moments, sample_gaussian
+from fedlt_app.methods.decoupled.ccvr import (
+    CCVRClient,
+    CCVRServer,
+    class_moments,
+    class_sums,
+    combine_moments,
+    moments_from_sums,
+    sample_gaussian,
+)
 from fedlt_app.metrics import evaluate
 from fedlt_app.precision import FP32
 from fedlt_app.task import trained_model
@@ -64,6 +72,30 @@ def test_combined_moments_equal_the_pooled_statistics_of_the_concatenated_featur
         assert total == len(x)
         np.testing.assert_allclose(mean, x.mean(0), rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(covariance, np.cov(x.T, ddof=1), rtol=1e-10, atol=1e-12)
+
+
+def test_moments_from_the_clients_summed_class_sums_equal_the_pooled_moments() -> None:
+    """Under secure aggregation the server sees only Σ_k of each client's (count, Σx, Σxxᵀ) per class: the
+    Gaussians it draws from must be those of the paper's pooling of the clients' moments."""
+    rng = np.random.default_rng(1)
+    d, classes = 5, 6
+    held = [{0: 7, 1: 1}, {0: 3, 2: 5}, {0: 12, 1: 4, 3: 1}]  # class 3: one sample in the federation; 4+: nobody
+    payloads, summed = [], None
+    for k, counts in enumerate(held):
+        labels = np.concatenate([np.full(n, c) for c, n in counts.items()])
+        features = rng.normal(loc=3 * k + labels[:, None], scale=2.0 + k, size=(len(labels), d))
+        payloads.append(class_moments(torch.from_numpy(features), torch.from_numpy(labels), classes))
+        sums = class_sums(torch.from_numpy(features), torch.from_numpy(labels), classes)
+        assert sums["ccvr-count"].tolist() == [counts.get(c, 0) for c in range(classes)]  # dense: a zero row if absent
+        assert sums["ccvr-outer-sum"].shape == (classes, d, d) and not sums["ccvr-feature-sum"][4:].any()
+        summed = sums if summed is None else {key: summed[key] + v for key, v in sums.items()}
+    pooled, from_sums = combine_moments(payloads), moments_from_sums(summed)
+    assert sorted(from_sums) == sorted(pooled) == [0, 1, 2, 3]
+    for c, (total, mean, covariance) in pooled.items():
+        assert from_sums[c][0] == total
+        np.testing.assert_allclose(from_sums[c][1], mean, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(from_sums[c][2], covariance, rtol=1e-9, atol=1e-10)
+    assert not from_sums[3][2].any()  # one sample: zero covariance, as the pooled path
 
 
 def test_a_class_seen_once_in_the_federation_has_zero_covariance() -> None:
@@ -178,3 +210,40 @@ def test_ccvr_runs_through_the_apps_with_the_statistics_query(tmp_path: Path,
     result = evaluate(model, *data.test_data(), cfg.dataset, tail_classes(data.class_counts), data.class_counts)
     assert result.accuracy == rows[-1]["accuracy"]
     assert result.tail_accuracy == rows[-1]["tail_accuracy"]
+
+
+def test_ccvr_under_secure_aggregation_calibrates_on_the_same_gaussians(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A secure run's statistics query is a second masked instance: the server's per-class Gaussians equal a
+    plain run's (counts exactly, moments up to the fixed-point steps), so both calibrate alike."""
+    seen: dict[str, list[dict[int, tuple[int, np.ndarray, np.ndarray]]]] = {"off": [], "secagg": []}
+    calibrate = CCVRServer.calibrate
+
+    def recording(self, global_model, statistics):  # type: ignore[no-untyped-def]
+        seen[self.cfg.secure_aggregation].append(statistics)
+        return calibrate(self, global_model, statistics)
+
+    monkeypatch.setattr(CCVRServer, "calibrate", recording)
+    for mode in ("off", "secagg"):
+        code = run_in_process(
+            tmp_path, monkeypatch,
+            f"method='ccvr' secure-aggregation='{mode}' num-server-rounds=2 samples-per-class=30 "
+            f"imbalance-ratio=10.0 ccvr-virtual-per-class=50 ccvr-retrain-epochs=2 output-dir='{tmp_path / mode}' "
+            "run-name='ccvr' wandb-mode='disabled'",
+            num_clients=3,
+        )
+        assert code == 0
+    assert len(seen["off"]) == len(seen["secagg"]) == 2  # every round calibrated, in both runs
+    for plain, secure in zip(seen["off"], seen["secagg"], strict=True):
+        assert sorted(plain) == sorted(secure)
+        for c, (total, mean, covariance) in plain.items():
+            assert secure[c][0] == total
+            np.testing.assert_allclose(secure[c][1], mean, rtol=0, atol=3 * 2.0**-16)
+            step = 3 * 2.0**-16 * (1 + np.abs(mean).max() ** 2)  # codec steps, through Σxxᵀ − Nμμᵀ
+            np.testing.assert_allclose(secure[c][2], covariance, rtol=1e-6, atol=step)
+    off = [json.loads(x) for x in (tmp_path / "off" / "ccvr" / "metrics.jsonl").read_text().splitlines()]
+    secure = [json.loads(x) for x in (tmp_path / "secagg" / "ccvr" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(r["ccvr_retrain_loss"]) for r in secure)
+    assert all(s["bytes_up"] > 0 for s in secure)
+    # the secure run's model average is the plain one up to the codec, so round 1's calibrated accuracies agree
+    assert abs(secure[0]["accuracy"] - off[0]["accuracy"]) < 0.05

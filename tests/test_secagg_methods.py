@@ -267,7 +267,7 @@ def test_moon_weighted_average_and_contrastive_metrics_equal_plain_aggregation(t
 
 
 def test_the_new_sums_only_methods_are_accepted_under_secagg() -> None:
-    for method in ("fedetf", "fednh", "fedgrab", "moon"):
+    for method in ("fedetf", "fednh", "fedgrab", "moon", "ccvr"):
         assert resolve({"secure-aggregation": "secagg", "method": method}).method == method
 
 

@@ -128,6 +128,13 @@ class ClientMethod:
         """
         return {}
 
+    def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
+                            precision: Precision) -> Payload:
+        """``statistics`` under secure aggregation: this client's term of each of its server's
+        ``statistics_sum_segments``, dense and of exactly the declared shape (a class the client lacks is a
+        zero row), masked on the way so that the server learns only the sum over the clients."""
+        return {}
+
     def state_to_keep(self, model: EncoderClassifier) -> ClientState:
         """What this node keeps for the next round it trains in: it replaces ``state``.
 
@@ -271,6 +278,17 @@ class ServerMethod:
         """Take the statistics query's answers (only replies that succeeded): after aggregation (before
         ``evaluation_model``) for ``wants_statistics``, before ``broadcast`` for
         ``wants_statistics_before_training``."""
+
+    def statistics_sum_segments(self) -> dict[str, SumSpec]:
+        """What ``absorb_statistics`` needs when the server may see only sums over the clients' answers
+        (secure-aggregation=secagg, for ``wants_statistics``): name -> shape and kind of the clients'
+        ``statistics_summands``. Empty: the method's statistics cannot be written as sums."""
+        return {}
+
+    def absorb_statistics_sums(self, server_round: int, global_model: EncoderClassifier, sums: Payload) -> None:
+        """``absorb_statistics`` under secure aggregation: the sums over the answering clients of their
+        ``statistics_summands``, real segments as float64 and exact ones as int64."""
+        raise NotImplementedError(f"{type(self).__name__}: no statistics from sums (statistics_sum_segments)")
 
     def evaluation_model(self, global_model: EncoderClassifier) -> EncoderClassifier:
         """The network the server evaluates, given the new global model."""

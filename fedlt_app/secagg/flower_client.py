@@ -14,7 +14,7 @@ from flwr.app import Context, Message, RecordDict
 from fedlt_app.secagg import wire
 from fedlt_app.secagg.client import SecAggClient
 from fedlt_app.secagg.flower_server import RECORD
-from fedlt_app.secagg.update import fedavg_layout, pack_update
+from fedlt_app.secagg.update import fedavg_layout, pack_sums, pack_update, sums_layout
 
 STATE = "secagg-client"
 _ROUNDING_STREAM = 0x5EC  # keeps the rounding draws apart from training's, which share the client's seed
@@ -85,6 +85,22 @@ def masked_train_reply(msg: Message, context: Context, local_arrays: Mapping[str
     layout = fedavg_layout(global_arrays, wire.segments_from(record), wire.weighting_from(record))
     vector = pack_update(layout, global_arrays, local_arrays, num_examples, mean_loss,
                          np.random.default_rng([rounding_seed, _ROUNDING_STREAM]), summands, metrics)
+    res = client.masked_input(wire.masked_input_ins_from(record), vector)
+    _save(context, client)
+    return RecordDict({RECORD: wire.to_record(wire.masked_arrays(res))})
+
+
+def masked_sums_reply(msg: Message, context: Context, summands: Mapping[str, np.ndarray],
+                      rounding_seed: int) -> RecordDict:
+    """A statistics query's whole reply under secure aggregation: one masked vector of the method's
+    ``statistics_summands`` (the sums the query names), nothing else; the server learns only their sum."""
+    if RECORD not in msg.content:
+        raise RuntimeError("secure-aggregation=secagg: the statistics query carries no secure-aggregation record; "
+                           "refusing to send unmasked statistics")
+    client = _load(context)
+    record = wire.from_record(msg.content[RECORD])
+    vector = pack_sums(sums_layout(wire.segments_from(record)), summands,
+                       np.random.default_rng([rounding_seed, _ROUNDING_STREAM]))
     res = client.masked_input(wire.masked_input_ins_from(record), vector)
     _save(context, client)
     return RecordDict({RECORD: wire.to_record(wire.masked_arrays(res))})

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from fedlt_app.secagg.fixedpoint import FixedPoint
 from fedlt_app.secagg.layout import Layout, Segment
 
 if TYPE_CHECKING:
@@ -140,3 +141,36 @@ def unpack_metric_means(layout: Layout, total: np.ndarray) -> dict[str, float]:
             if count > 0:
                 means[name] = float(value[0]) / count
     return means
+
+
+# A statistics query's codec trades resolution for range: second moments of features summed over a client's
+# samples (CCVR's Σ x xᵀ: up to ~10² per sample over hundreds of samples) reach 10^6 and beyond, where a
+# model delta stays below 1. 2^-16 per client and coordinate still loses nothing that a covariance keeps;
+# 2^17 clients x (2^29 x 2^16 + 1) < 2^63, so the sum cannot wrap.
+STATISTICS_CODEC = FixedPoint(scale_bits=16, clip=float(2**29))
+
+
+def sums_layout(extra: Sequence[Segment]) -> Layout:
+    """The layout of a statistics query under secure aggregation: the clipped-coordinate counter, then the
+    method's sums (``method_segments`` of its ``statistics_sum_segments``); no model, no count, no loss."""
+    return Layout((Segment(CLIPPED, (1,), "exact"), *extra), STATISTICS_CODEC)
+
+
+def pack_sums(layout: Layout, summands: Mapping[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """One client's encoded statistics vector; refused when its summands do not match the layout's sums."""
+    asked = sorted(s.name[len(METHOD_PREFIX):] for s in layout.segments if s.name.startswith(METHOD_PREFIX))
+    if asked != sorted(summands):
+        raise ValueError(f"secure aggregation: the server asks for the statistics sums {asked}, "
+                         f"this client's method gives {sorted(summands)}")
+    values = {METHOD_PREFIX + k: np.asarray(v) for k, v in summands.items()}
+    values[CLIPPED] = np.array([sum(int(np.count_nonzero(np.abs(values[s.name]) > layout.codec.clip))
+                                    for s in layout.segments if s.kind == "fixed")])
+    vector, _ = layout.pack(values, rng)
+    return vector
+
+
+def unpack_sums(layout: Layout, total: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
+    """(the method's statistics sums by name, clipped coordinates) from a summed statistics vector."""
+    sums = layout.unpack(total)
+    return ({k[len(METHOD_PREFIX):]: v for k, v in sums.items() if k.startswith(METHOD_PREFIX)},
+            int(sums[CLIPPED][0]))

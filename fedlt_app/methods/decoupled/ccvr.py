@@ -32,6 +32,10 @@ the last round; ``ccvr-calibrate`` = ``every-round`` (default) applies the
 same calibration to every round's global model for the per-round curves (as
 FL-bench's CCVR does at each test; training is unaffected, so the last round's
 row is the post-hoc result), ``final`` only to the last round's.
+
+Under secure aggregation (``secure-aggregation=secagg``) the statistics query is a second masked instance of
+the protocol: each client sends, per class, its count, Σ x and Σ x xᵀ (:func:`class_sums`), the server
+learns only their sums over the clients, and :func:`moments_from_sums` gives the same pooled μ_c and Σ_c.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ from torch import Tensor, nn
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
-from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
+from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
 from fedlt_app.methods.features import encoder_features
 from fedlt_app.methods.retrain import retrain_linear, with_classifier
 from fedlt_app.models import EncoderClassifier
@@ -99,6 +103,44 @@ def combine_moments(payloads: list[Payload]) -> dict[int, tuple[int, np.ndarray,
     return combined
 
 
+COUNT_SUM, FEATURE_SUM, OUTER_SUM = "ccvr-count", "ccvr-feature-sum", "ccvr-outer-sum"  # under secagg
+
+
+def class_sums(features: Tensor, labels: Tensor, num_classes: int) -> Payload:
+    """Per class (a dense row for every class, zeros where absent): count, Σ x and Σ x xᵀ, in float64.
+
+    What a client sends under secure aggregation instead of its moments: the pooled moments of Eqs. 3–4 are
+    a function of these sums over the clients alone (:func:`moments_from_sums`)."""
+    features, labels = features.double().cpu(), labels.cpu()
+    dim = features.shape[1]
+    counts = np.zeros(num_classes, dtype=np.int64)
+    firsts, seconds = np.zeros((num_classes, dim)), np.zeros((num_classes, dim, dim))
+    for c in range(num_classes):
+        x = features[labels == c]
+        counts[c] = len(x)
+        firsts[c] = x.sum(dim=0).numpy()
+        seconds[c] = (x.T @ x).numpy()
+    return {COUNT_SUM: counts, FEATURE_SUM: firsts, OUTER_SUM: seconds}
+
+
+def moments_from_sums(sums: Payload) -> dict[int, tuple[int, np.ndarray, np.ndarray]]:
+    """Class -> (N_c, μ_c, Σ_c) from the summed ``class_sums``: μ_c = S1/N, Σ_c = (S2 − N μ μᵀ)/(N − 1).
+
+    The same pooled statistics as :func:`combine_moments` (Σ_k (N_k − 1) Σ_k + N_k μ_k μ_kᵀ is Σ x xᵀ over
+    the client's samples); a class held by nobody is left out, one sample gives Σ_c = 0."""
+    combined = {}
+    for c, total in enumerate(np.asarray(sums[COUNT_SUM]).tolist()):
+        if total <= 0:
+            continue
+        mean = np.asarray(sums[FEATURE_SUM][c], np.float64) / total
+        if total > 1:
+            covariance = (np.asarray(sums[OUTER_SUM][c], np.float64) - total * np.outer(mean, mean)) / (total - 1)
+        else:
+            covariance = np.zeros((len(mean), len(mean)))
+        combined[c] = (int(total), mean, covariance)
+    return combined
+
+
 def sample_gaussian(mean: np.ndarray, covariance: np.ndarray, count: int, generator: torch.Generator) -> Tensor:
     """``count`` draws from N(mean, covariance) in float64: mean + z·(V·√λ)ᵀ, λ clipped at 0 (PSD-safe)."""
     eigenvalues, eigenvectors = torch.linalg.eigh(torch.from_numpy((covariance + covariance.T) / 2))
@@ -115,6 +157,10 @@ class CCVRClient(ClientMethod):
         features = encoder_features(model, images, self.cfg.dataset, precision)
         return class_moments(features, labels, self.num_classes)
 
+    def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
+                            precision: Precision) -> Payload:
+        return class_sums(encoder_features(model, images, self.cfg.dataset, precision), labels, self.num_classes)
+
 
 class CCVRServer(ServerMethod):
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
@@ -123,6 +169,7 @@ class CCVRServer(ServerMethod):
             raise ValueError("method: 'ccvr' re-trains a linear classifier; this model's head is not nn.Linear")
         self.generator = torch.Generator().manual_seed(cfg.seed + 7919)
         self.classifier: nn.Linear | None = None  # calibrated for this round's global model
+        self.feature_dim = model.classifier.in_features
         self.last_retrain_loss = float("nan")
 
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
@@ -139,6 +186,13 @@ class CCVRServer(ServerMethod):
     def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
                           reports: list[ClientReport]) -> None:
         self.classifier = self.calibrate(global_model, combine_moments([r.payload for r in reports]))
+
+    def statistics_sum_segments(self) -> dict[str, SumSpec]:
+        c, d = self.num_classes, self.feature_dim
+        return {COUNT_SUM: SumSpec((c,), exact=True), FEATURE_SUM: SumSpec((c, d)), OUTER_SUM: SumSpec((c, d, d))}
+
+    def absorb_statistics_sums(self, server_round: int, global_model: EncoderClassifier, sums: Payload) -> None:
+        self.classifier = self.calibrate(global_model, moments_from_sums(sums))
 
     def virtual_features(self, statistics: dict[int, tuple[int, np.ndarray, np.ndarray]]) -> tuple[Tensor, Tensor]:
         per_class = self.cfg.ccvr_virtual_per_class
