@@ -26,9 +26,10 @@ METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss"
 # fedgrab its clients' summed PID weights, moon its contrasting clients' count and summed term
 # (ServerMethod.sum_segments); fedetf / fednh's personalised
 # accuracy travels masked (the cohort's mean only); ccvr's statistics query, per-class feature sums and second
-# moments, in a second secure instance (ServerMethod.statistics_sum_segments).
+# moments, in a second secure instance (ServerMethod.statistics_sum_segments); rucr's class-means query the
+# same way (full participation only: its prototypes are the cohort's) and its rectified heads' weighted sum.
 SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "redgrape", "grape-la", "creff",
-                  "fedetf", "fednh", "fedgrab", "moon", "ccvr")
+                  "fedetf", "fednh", "fedgrab", "moon", "ccvr", "rucr")
 CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")  # need the clip extra and clip-weights (fedlt_app/clip)
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
@@ -770,6 +771,10 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
                               f"with secure-aggregation=secagg, method must be one of {', '.join(SECAGG_METHODS)}")
         if values["al_method"] != "none":
             raise ConfigError("secure-aggregation: 'secagg' does not support active learning (al-method)")
+        if values["method"] == "rucr" and values["clients_per_round"] != 0:
+            raise ConfigError(f"clients-per-round: method='rucr' with secure-aggregation='secagg' needs every client "
+                              f"in every round (clients-per-round=0; got {values['clients_per_round']}): its "
+                              "prototypes are the cohort's class means, and the masked sums run over all clients")
     if values["al_method"] != "none":
         if round(values["al_query_ratio"], 2) > values["al_end_ratio"]:
             raise ConfigError(

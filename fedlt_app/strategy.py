@@ -319,6 +319,7 @@ class FedLTStrategy(Strategy):
         current = self.current
         assert current is not None, "statistics are gathered within a round"
         messages = self._statistics_messages(current, arrays, partitions)
+        _count_down(current, messages)
         reports = []
         for reply in self._statistics_replies(current, grid, messages, timeout):
             current.bytes_up += content_nbytes(reply.content)
@@ -333,13 +334,12 @@ class FedLTStrategy(Strategy):
         learns only their sum over the clients that answered (``ServerMethod.statistics_sum_segments``)."""
         current = self.current
         assert current is not None and self.secure is not None, "secure statistics are gathered within a round"
-        messages = self._statistics_messages(current, arrays, None, count=False)
+        messages = self._statistics_messages(current, arrays, None)
         self.secure.bytes_up = self.secure.bytes_down = 0  # the protocol's own queries, counted at the end
         try:
             kept = self.secure.prepare_sums(grid, current.server_round, messages,
                                             self.server_method.statistics_sum_segments())
-            current.bytes_down += sum(content_nbytes(m.content) for m in kept)  # with their ciphertexts
-            current.parameters_down += sum(content_parameters(m.content) for m in kept)
+            _count_down(current, kept)  # with their ciphertexts
             answered = self._statistics_replies(current, grid, kept, timeout)
             current.bytes_up += sum(content_nbytes(r.content) for r in answered)
             current.parameters_up += masked_values(answered)
@@ -351,17 +351,14 @@ class FedLTStrategy(Strategy):
             current.bytes_down += self.secure.bytes_down
             current.bytes_up += self.secure.bytes_up
 
-    def _statistics_messages(self, current: RoundLog, arrays: ArrayRecord, partitions: list[int] | None,
-                             count: bool = True) -> list[Message]:
-        """The statistics query to ``partitions`` (None: every client); ``count``: its bytes go in the log now."""
+    def _statistics_messages(self, current: RoundLog, arrays: ArrayRecord,
+                             partitions: list[int] | None) -> list[Message]:
+        """The statistics query to ``partitions`` (None: every client); the caller counts what it sends."""
         config = ConfigRecord({"server-round": current.server_round})
         asked = sorted(self.node_of_partition) if partitions is None else sorted(partitions)
         messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=self.node_of_partition[p],
                             message_type=f"{MessageType.QUERY}.{STATISTICS_QUERY}")
                     for p in asked]
-        if count:
-            current.bytes_down += sum(content_nbytes(m.content) for m in messages)
-            current.parameters_down += sum(content_parameters(m.content) for m in messages)
         return messages
 
     def _statistics_replies(self, current: RoundLog, grid: Grid, messages: list[Message],
@@ -444,3 +441,9 @@ class FedLTStrategy(Strategy):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         return None
+
+
+def _count_down(current: RoundLog, messages: list[Message]) -> None:
+    """Log the bytes and parameters of ``messages`` as sent down in this round."""
+    current.bytes_down += sum(content_nbytes(m.content) for m in messages)
+    current.parameters_down += sum(content_parameters(m.content) for m in messages)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import tomllib
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytest
 from app_runs import without_pictures
@@ -83,3 +83,26 @@ def run_in_process(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, 
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
     server_app.main(InProcessGrid(config, num_clients), context)
     return 0
+
+
+class Call(NamedTuple):
+    """One recorded call of a method: the instance, its positional arguments and what it returned."""
+
+    instance: Any
+    args: tuple[Any, ...]
+    result: Any
+
+
+def record_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[Call]:
+    """Wrap ``cls.<name>`` for this test so that every call (server or client side of an in-process run)
+    is appended to the returned list; the method itself runs unchanged."""
+    calls: list[Call] = []
+    original = getattr(cls, name)
+
+    def recording(self: Any, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        calls.append(Call(self, args, result))
+        return result
+
+    monkeypatch.setattr(cls, name, recording)
+    return calls

@@ -35,7 +35,7 @@ from fedlt_app.methods.decoupled.ccvr import (
 from fedlt_app.metrics import evaluate
 from fedlt_app.precision import FP32
 from fedlt_app.task import trained_model
-from in_process import run_in_process
+from in_process import record_calls, run_in_process
 from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
@@ -214,26 +214,37 @@ def test_ccvr_runs_through_the_apps_with_the_statistics_query(tmp_path: Path,
 
 def test_ccvr_under_secure_aggregation_calibrates_on_the_same_gaussians(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A secure run's statistics query is a second masked instance: the server's per-class Gaussians equal a
-    plain run's (counts exactly, moments up to the fixed-point steps), so both calibrate alike."""
-    seen: dict[str, list[dict[int, tuple[int, np.ndarray, np.ndarray]]]] = {"off": [], "secagg": []}
-    calibrate = CCVRServer.calibrate
+    """A secure run's statistics query is a second masked instance: the server's per-class Gaussians are the
+    pooled moments of exactly what the clients summed (up to the fixed-point steps), and equal a plain run's,
+    so both calibrate alike.
 
-    def recording(self, global_model, statistics):  # type: ignore[no-untyped-def]
-        seen[self.cfg.secure_aggregation].append(statistics)
-        return calibrate(self, global_model, statistics)
-
-    monkeypatch.setattr(CCVRServer, "calibrate", recording)
+    fp32 on purpose: the secure run's global model differs from the plain one's by the train codec's steps,
+    which bf16 features could turn into whole bf16 steps on one machine and not on another."""
+    calibrations = record_calls(monkeypatch, CCVRServer, "calibrate")
+    answers = record_calls(monkeypatch, CCVRClient, "statistics_summands")  # what the secure run's clients masked
     for mode in ("off", "secagg"):
         code = run_in_process(
             tmp_path, monkeypatch,
             f"method='ccvr' secure-aggregation='{mode}' num-server-rounds=2 samples-per-class=30 "
             f"imbalance-ratio=10.0 ccvr-virtual-per-class=50 ccvr-retrain-epochs=2 output-dir='{tmp_path / mode}' "
-            "run-name='ccvr' wandb-mode='disabled'",
+            "run-name='ccvr' wandb-mode='disabled' precision='fp32'",
             num_clients=3,
         )
         assert code == 0
+    seen = {mode: [call.args[1] for call in calibrations if call.instance.cfg.secure_aggregation == mode]
+            for mode in ("off", "secagg")}  # calibrate(global_model, statistics)
+    summands = [call.result for call in answers]
     assert len(seen["off"]) == len(seen["secagg"]) == 2  # every round calibrated, in both runs
+    assert len(summands) == 2 * 3  # every client answered both rounds' queries
+    for round_index, secure in enumerate(seen["secagg"]):
+        exact = moments_from_sums({k: sum(s[k] for s in summands[3 * round_index:3 * round_index + 3])
+                                   for k in summands[0]})
+        assert sorted(exact) == sorted(secure)
+        for c, (total, mean, covariance) in exact.items():
+            assert secure[c][0] == total
+            np.testing.assert_allclose(secure[c][1], mean, rtol=0, atol=3 * 2.0**-16)
+            step = 3 * 2.0**-16 * (1 + np.abs(mean).max() ** 2)
+            np.testing.assert_allclose(secure[c][2], covariance, rtol=1e-6, atol=step)
     for plain, secure in zip(seen["off"], seen["secagg"], strict=True):
         assert sorted(plain) == sorted(secure)
         for c, (total, mean, covariance) in plain.items():

@@ -20,10 +20,13 @@ import torch
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods.base import ClientReport
 from fedlt_app.methods.decoupled import rucr
+from fedlt_app.methods.class_sums import summed
 from fedlt_app.methods.decoupled.rucr import (RUCRClient, RUCRServer, balanced_prototype_loss, class_means,
-                                              mixed_features, normalised_means, unified_prototypes)
+                                              means_segments, means_summands, mixed_features, normalised_means,
+                                              prototypes_from_sums, rectified_segments, rectified_summands,
+                                              unified_prototypes)
 from fedlt_app.precision import FP32
-from in_process import run_in_process
+from in_process import record_calls, run_in_process
 from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
@@ -225,8 +228,10 @@ def test_rectification_rounds_follow_the_official_condition() -> None:
                                                                               "rucr-crt-rounds": 0}), r)] == [10]
     with pytest.raises(ConfigError, match="rucr-mixup-low"):
         rucr_config(**{"rucr-mixup-low": 0.9, "rucr-mixup-high": 0.5})
-    with pytest.raises(ConfigError, match="secure-aggregation"):
-        rucr_config(**{"secure-aggregation": "secagg"})
+    # secure aggregation: the masked sums run over every client, so only full participation is accepted
+    assert rucr_config(**{"secure-aggregation": "secagg"}).secure_aggregation == "secagg"
+    with pytest.raises(ConfigError, match=r"clients-per-round: .*got 2"):
+        rucr_config(**{"secure-aggregation": "secagg", "clients-per-round": 2})
 
 
 def test_class_means_of_an_empty_client_are_empty() -> None:
@@ -250,3 +255,89 @@ def test_rucr_runs_through_the_apps_with_the_statistics_query(tmp_path: Path,
     assert rows[1]["rucr_rectified"] == 1 and math.isfinite(rows[1]["rucr_feature_loss"])
     for row in rows:
         assert math.isfinite(row["accuracy"])
+
+
+def test_secure_server_gets_the_plain_broadcast_and_head_from_sums() -> None:
+    """Under secagg the server holds only sums over every client; with every client in the cohort its
+    prototypes, class ratio, norm-means and evaluated head are the plain server's."""
+    model = linear_model(seed=8)
+    images, labels = images_labels([5, 5, 5])
+    data = federated(images, labels, [np.arange(5), np.arange(5, 10), np.arange(10, 15)])
+    plain, secure = RUCRServer(rucr_config(), model, data), RUCRServer(
+        rucr_config(**{"secure-aggregation": "secagg"}), model, data)
+    payloads, _ = client_statistics(rucr_config(), model, [[5, 2, 0], [1, 0, 6], [4, 3, 0]])
+    plain.absorb_statistics(1, model, [ClientReport(k, 0, p) for k, p in enumerate(payloads)])
+    secure.absorb_statistics_sums(1, model, summed(secure.statistics_sum_segments(),
+                                                   (means_summands(p, C, D) for p in payloads)))
+    for server_round in (2, 4):  # 4: a rectification round (norm-means too)
+        plain.begin_round(server_round, [0, 1, 2])
+        secure.begin_round(server_round, [0, 1, 2])
+        expected, got = plain.broadcast(server_round, model), secure.broadcast(server_round, model)
+        assert sorted(got) == sorted(expected)
+        for key, value in expected.items():
+            np.testing.assert_allclose(got[key], value, rtol=1e-6, atol=1e-7)
+    # a client lacking a class contributes a zero row and no count; the sums' prototypes are the pooled means
+    terms = means_summands(payloads[0], C, D)
+    assert terms["rucr-count-sum"].tolist() == [5, 2, 0] and not terms["rucr-mean-sum"][2].any()
+    prototypes, counts = prototypes_from_sums(summed(means_segments(C, D), (means_summands(p, C, D)
+                                                                             for p in payloads)))
+    np.testing.assert_allclose(prototypes, unified_prototypes(payloads, C, D)[0])
+    # the rectified heads: Σ n W / Σ n, a client without a head adds nothing; the loss metric is the mean
+    rng = np.random.default_rng(4)
+    heads = [(rng.normal(size=(C, D)).astype(np.float32), rng.normal(size=C).astype(np.float32)) for _ in range(2)]
+    reports = [ClientReport(0, 10, {rucr.WEIGHT: heads[0][0], rucr.BIAS: heads[0][1],
+                                    rucr.FEATURE_LOSS: np.array([0.5], np.float32)}),
+               ClientReport(1, 30, {rucr.WEIGHT: heads[1][0], rucr.BIAS: heads[1][1],
+                                    rucr.FEATURE_LOSS: np.array([1.5], np.float32)}),
+               ClientReport(2, 50, {rucr.FEATURE_LOSS: np.array([np.nan], np.float32)})]
+    plain.absorb(4, reports)
+    secure.absorb_sums(4, summed(rectified_segments(C, D), (rectified_summands(r.payload, r.num_examples, C, D)
+                                                            for r in reports)))
+    np.testing.assert_allclose(secure.evaluation_model(model).classifier.weight.detach().numpy(),
+                               0.25 * heads[0][0] + 0.75 * heads[1][0], rtol=1e-6)
+    np.testing.assert_allclose(secure.evaluation_model(model).classifier.bias.detach().numpy(),
+                               plain.evaluation_model(model).classifier.bias.detach().numpy(), rtol=1e-6)
+    assert secure.round_metrics() == pytest.approx(plain.round_metrics()) == {"rucr_feature_loss": 1.0,
+                                                                            "rucr_rectified": 1}
+    secure.absorb_sums(5, summed(rectified_segments(C, D), [rectified_summands(reports[2].payload, 50, C, D)]))
+    assert secure.evaluation_model(model) is model  # nobody rectified: the global model evaluates
+    restored = RUCRServer(rucr_config(**{"secure-aggregation": "secagg"}), model, data)  # checkpoint round trip
+    restored.load_state_dict(copy.deepcopy(secure.state_dict()))
+    restored.begin_round(4, [0, 1, 2])
+    for key, value in secure.broadcast(4, model).items():
+        np.testing.assert_array_equal(restored.broadcast(4, model)[key], value)
+
+
+def test_rucr_under_secure_aggregation_matches_a_plain_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real apps (in process): the secure run's prototypes are the pooled means of exactly what its
+    clients masked (within the statistics codec's steps), and both runs rectify and score alike."""
+    broadcasts = record_calls(monkeypatch, RUCRServer, "broadcast")
+    answers = record_calls(monkeypatch, RUCRClient, "statistics_summands")
+    for mode in ("off", "secagg"):
+        code = run_in_process(
+            tmp_path, monkeypatch,
+            f"method='rucr' secure-aggregation='{mode}' num-server-rounds=2 samples-per-class=30 "
+            "imbalance-ratio=10.0 rucr-crt-rounds=1 rucr-crt-epochs=2 rucr-crt-features-per-class=20 "
+            f"precision='fp32' output-dir='{tmp_path / mode}' run-name='rucr' wandb-mode='disabled'",
+            num_clients=3,
+        )
+        assert code == 0
+    sent = {mode: [call.result for call in broadcasts if call.instance.cfg.secure_aggregation == mode]
+            for mode in ("off", "secagg")}
+    answered = [call.result for call in answers]
+    assert len(answered) == 3  # one masked query, after round 1, answered by every client
+    exact = prototypes_from_sums({k: sum(a[k] for a in answered) for k in answered[0]})
+    for plain, secure in zip(sent["off"], sent["secagg"], strict=True):
+        assert sorted(plain) == sorted(secure)
+    round2_plain, round2_secure = sent["off"][1], sent["secagg"][1]
+    np.testing.assert_allclose(round2_secure[rucr.PROTOTYPES], exact[0], atol=3 * 2.0**-16)
+    np.testing.assert_array_equal(round2_secure[rucr.CLASS_RATIO], exact[1] / exact[1].sum())
+    # the two runs' global models differ by the train codec's steps only, so their statistics nearly agree
+    for key in (rucr.PROTOTYPES, rucr.NORM_MEANS):
+        np.testing.assert_allclose(round2_secure[key], round2_plain[key], atol=1e-3)
+    rows = {mode: [json.loads(x) for x in (tmp_path / mode / "rucr" / "metrics.jsonl").read_text().splitlines()]
+            for mode in ("off", "secagg")}
+    assert [r["rucr_rectified"] for r in rows["secagg"]] == [r["rucr_rectified"] for r in rows["off"]] == [0, 1]
+    for plain_row, secure_row in zip(rows["off"], rows["secagg"], strict=True):
+        assert abs(secure_row["accuracy"] - plain_row["accuracy"]) < 0.05
+        assert secure_row["rucr_feature_loss"] == pytest.approx(plain_row["rucr_feature_loss"], abs=1e-2, nan_ok=True)

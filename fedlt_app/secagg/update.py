@@ -68,6 +68,24 @@ def _weighted_by_count(layout: Layout) -> bool:
     return all(s.name != WEIGHT for s in layout.segments)
 
 
+def _method_values(layout: Layout, summands: Mapping[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """The method's terms under their segment names; refused unless they are exactly the layout's ``method.``
+    segments (a client whose method disagrees with the server's would otherwise corrupt everyone's sum)."""
+    asked = sorted(s.name[len(METHOD_PREFIX):] for s in layout.segments if s.name.startswith(METHOD_PREFIX))
+    if asked != sorted(summands):
+        raise ValueError(f"secure aggregation: the server asks for the {what} {asked}, "
+                         f"this client's method gives {sorted(summands)}")
+    return {METHOD_PREFIX + k: np.asarray(v) for k, v in summands.items()}
+
+
+def _pack_counting_clipped(layout: Layout, values: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """The encoded vector, with the ``clipped`` segment set to how many fixed-point coordinates the codec clips."""
+    values[CLIPPED] = np.array([sum(int(np.count_nonzero(np.abs(values[s.name]) > layout.codec.clip))
+                                    for s in layout.segments if s.kind == "fixed")])
+    vector, _ = layout.pack(values, rng)
+    return vector
+
+
 def pack_update(layout: Layout, global_arrays: Mapping[str, np.ndarray], local_arrays: Mapping[str, np.ndarray],
                 num_examples: int, mean_loss: float, rng: np.random.Generator,
                 summands: Mapping[str, np.ndarray] | None = None,
@@ -92,16 +110,8 @@ def pack_update(layout: Layout, global_arrays: Mapping[str, np.ndarray], local_a
             reported = metrics is not None and name in metrics
             values[s.name] = np.array([float(metrics[name]) if reported else 0.0])  # type: ignore[index]
             values[METRIC_COUNT_PREFIX + name] = np.array([int(reported)])
-    asked = sorted(s.name[len(METHOD_PREFIX):] for s in layout.segments if s.name.startswith(METHOD_PREFIX))
-    given = sorted(summands or {})
-    if asked != given:
-        raise ValueError(f"secure aggregation: the server asks for the sums {asked}, "
-                         f"this client's method gives {given}")
-    values.update({METHOD_PREFIX + k: np.asarray(v) for k, v in (summands or {}).items()})
-    values[CLIPPED] = np.array([sum(int(np.count_nonzero(np.abs(values[s.name]) > layout.codec.clip))
-                                    for s in layout.segments if s.kind == "fixed")])
-    vector, _ = layout.pack(values, rng)
-    return vector
+    values.update(_method_values(layout, summands or {}, "sums"))
+    return _pack_counting_clipped(layout, values, rng)
 
 
 def unpack_average(layout: Layout, global_arrays: Mapping[str, np.ndarray],
@@ -158,15 +168,7 @@ def sums_layout(extra: Sequence[Segment]) -> Layout:
 
 def pack_sums(layout: Layout, summands: Mapping[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
     """One client's encoded statistics vector; refused when its summands do not match the layout's sums."""
-    asked = sorted(s.name[len(METHOD_PREFIX):] for s in layout.segments if s.name.startswith(METHOD_PREFIX))
-    if asked != sorted(summands):
-        raise ValueError(f"secure aggregation: the server asks for the statistics sums {asked}, "
-                         f"this client's method gives {sorted(summands)}")
-    values = {METHOD_PREFIX + k: np.asarray(v) for k, v in summands.items()}
-    values[CLIPPED] = np.array([sum(int(np.count_nonzero(np.abs(values[s.name]) > layout.codec.clip))
-                                    for s in layout.segments if s.kind == "fixed")])
-    vector, _ = layout.pack(values, rng)
-    return vector
+    return _pack_counting_clipped(layout, _method_values(layout, summands, "statistics sums"), rng)
 
 
 def unpack_sums(layout: Layout, total: np.ndarray) -> tuple[dict[str, np.ndarray], int]:

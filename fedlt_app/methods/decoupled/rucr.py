@@ -65,7 +65,20 @@ the official code, and what this module does:
 Communication per round: down, the prototypes (C·d) and class ratio (C), plus the norm-means (C·d) in
 rectification rounds; up, in rectification rounds the rectified classifier (C·d + C); and the statistics
 query, to *every* client after each round but the last: the model down, and per held class its count and
-mean (d floats) up. Secure aggregation: refused (the server needs each client's class means).
+mean (d floats) up.
+
+Secure aggregation (``secure-aggregation=secagg``, full participation only). Every class-means statistic the
+server uses is a count-weighted mean, i.e. a ratio of two sums over clients: p_c = Σ_k n_{k,c} μ_{k,c} / Σ_k
+n_{k,c} and m_c = Σ_k n_{k,c} normalise(μ_{k,c}) / Σ_k n_{k,c}. Under secagg each client answers the statistics
+query with its dense terms of those sums (``means_summands``: per class n_{k,c}, n_{k,c} μ_{k,c} and n_{k,c}
+normalise(μ_{k,c}); zero rows for classes it lacks) inside a second instance of the protocol, and the server
+learns only their totals over the clients that answered. The plain path computes through the same sums
+(``unified_prototypes`` and ``normalised_means`` sum ``means_summands``), so the two differ by fixed-point
+rounding only. What the sums cannot give is a *cohort's* prototypes: the totals run over every client, and the
+next cohort is not drawn when the query runs; so secagg needs ``clients-per-round=0`` (every client trains every
+round, where cohort and federation coincide) and refuses partial participation. The rectified classifiers'
+sample-weighted average and the feature-loss metric are sums too (``rectified_summands``), masked with the
+model's delta.
 """
 
 from __future__ import annotations
@@ -80,7 +93,8 @@ from torch.nn import functional as F
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
-from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
+from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
+from fedlt_app.methods.class_sums import summed
 from fedlt_app.methods.features import encoder_features
 from fedlt_app.methods.retrain import retrain_linear, with_classifier
 from fedlt_app.models import EncoderClassifier
@@ -93,6 +107,14 @@ NORM_HOLDERS = "rucr-norm-holders"  # (C,) bool, the classes some client holds (
 WEIGHT, BIAS = "rucr-weight", "rucr-bias"  # a client's rectified classifier
 FEATURE_LOSS = "rucr-feature-loss"  # (1,) mean feature loss over the local steps (metrics)
 MEANS_QUERY_PLAN = "class-means query for the next round"  # round_plan's entry: a resume keeps it
+# Secure aggregation's sums (see the module docstring): the statistics query's, per class ...
+COUNT_SUM = "rucr-count-sum"  # (C,) exact: Σ_k n_{k,c}
+MEAN_SUM = "rucr-mean-sum"  # (C, d): Σ_k n_{k,c} μ_{k,c}
+NORM_SUM = "rucr-norm-sum"  # (C, d): Σ_k n_{k,c} normalise(μ_{k,c})
+# ... and the train round's: the rectified heads' sample-weighted sum and the feature-loss metric
+RECTIFIED_EXAMPLES = "rucr-rectified-examples"  # (1,) exact: Σ n over the clients that rectified
+WEIGHT_SUM, BIAS_SUM = "rucr-weight-sum", "rucr-bias-sum"  # (C, d), (C,): Σ n W, Σ n b over them
+LOSS_CLIENTS, LOSS_SUM = "rucr-loss-clients", "rucr-loss-sum"  # (1,) exact, (1,): clients with a feature loss
 
 
 def rectification_round(cfg: RunConfig, server_round: int) -> bool:
@@ -111,31 +133,78 @@ def class_means(features: Tensor, labels: Tensor, num_classes: int) -> Payload:
                            else np.zeros((0, features.shape[1]), dtype=np.float32))}
 
 
+def means_segments(num_classes: int, dim: int) -> dict[str, SumSpec]:
+    """The statistics query's sums (secure aggregation): class counts, count-weighted means and norm-means."""
+    return {COUNT_SUM: SumSpec((num_classes,), exact=True), MEAN_SUM: SumSpec((num_classes, dim)),
+            NORM_SUM: SumSpec((num_classes, dim))}
+
+
+def means_summands(payload: Payload, num_classes: int, dim: int) -> Payload:
+    """One client's dense terms of ``means_segments`` from its ``class_means``: per held class n, n μ and
+    n normalise(μ) (``F.normalize``'s eps), zero rows for the classes it lacks."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    means, norms = np.zeros((num_classes, dim)), np.zeros((num_classes, dim))
+    classes = np.asarray(payload["rucr-classes"], dtype=np.int64)
+    n = np.asarray(payload["rucr-counts"], dtype=np.int64)
+    mean = np.asarray(payload["rucr-means"], dtype=np.float64).reshape(len(classes), dim)
+    counts[classes] = n
+    means[classes] = n[:, None] * mean
+    norms[classes] = n[:, None] * mean / np.maximum(np.linalg.norm(mean, axis=1, keepdims=True), 1e-12)
+    return {COUNT_SUM: counts, MEAN_SUM: means, NORM_SUM: norms}
+
+
+def _per_count(sums: Payload, key: str) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of ``sums[key]`` divided by the summed class counts, zero where a count is 0; the counts)."""
+    counts = np.asarray(sums[COUNT_SUM], dtype=np.int64)
+    rows = np.zeros(np.shape(sums[key]))
+    held = counts > 0
+    rows[held] = np.asarray(sums[key], dtype=np.float64)[held] / counts[held, None]
+    return rows, counts
+
+
+def prototypes_from_sums(sums: Payload) -> tuple[np.ndarray, np.ndarray]:
+    """(p, counts) from summed ``means_summands``: p_c = Σ n μ / Σ n, a zero row where the count is 0."""
+    return _per_count(sums, MEAN_SUM)
+
+
+def norm_means_from_sums(sums: Payload) -> tuple[np.ndarray, np.ndarray]:
+    """(m, held) from summed ``means_summands``: m_c = Σ n normalise(μ) / Σ n, not normalised again."""
+    norm_means, counts = _per_count(sums, NORM_SUM)
+    return norm_means, counts > 0
+
+
 def unified_prototypes(statistics: list[Payload], num_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(p, counts): the count-weighted mean of the clients' class means (official ``get_mean``), and the
     summed class counts; a class none of them holds has a zero row and count 0."""
-    sums, counts = np.zeros((num_classes, dim)), np.zeros(num_classes, dtype=np.int64)
-    for payload in statistics:
-        for c, n, mean in zip(payload["rucr-classes"], payload["rucr-counts"], payload["rucr-means"], strict=True):
-            sums[c] += n * mean.astype(np.float64)
-            counts[c] += n
-    held = counts > 0
-    sums[held] /= counts[held, None]
-    return sums, counts
+    return prototypes_from_sums(summed(means_segments(num_classes, dim),
+                                       (means_summands(p, num_classes, dim) for p in statistics)))
 
 
 def normalised_means(statistics: list[Payload], num_classes: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
     """(m, held): per class the count-weighted mean of the clients' *normalised* class means (official
     ``cal_norm_mean``; the result is not normalised again), and which classes some client holds."""
-    sums, counts = np.zeros((num_classes, dim)), np.zeros(num_classes, dtype=np.int64)
-    for payload in statistics:
-        for c, n, mean in zip(payload["rucr-classes"], payload["rucr-counts"], payload["rucr-means"], strict=True):
-            mean = mean.astype(np.float64)
-            sums[c] += n * mean / max(np.linalg.norm(mean), 1e-12)  # F.normalize's eps
-            counts[c] += n
-    held = counts > 0
-    sums[held] /= counts[held, None]
-    return sums, held
+    return norm_means_from_sums(summed(means_segments(num_classes, dim),
+                                       (means_summands(p, num_classes, dim) for p in statistics)))
+
+
+def rectified_segments(num_classes: int, dim: int) -> dict[str, SumSpec]:
+    """The train round's sums (secure aggregation): the rectified heads' n-weighted sums and the loss metric."""
+    return {RECTIFIED_EXAMPLES: SumSpec((1,), exact=True), WEIGHT_SUM: SumSpec((num_classes, dim)),
+            BIAS_SUM: SumSpec((num_classes,)), LOSS_CLIENTS: SumSpec((1,), exact=True), LOSS_SUM: SumSpec((1,))}
+
+
+def rectified_summands(report: Payload, num_examples: int, num_classes: int, dim: int) -> Payload:
+    """One client's terms of ``rectified_segments`` from its ``report``: n, n W and n b if it rectified (zeros
+    otherwise), and 1 and its mean feature loss if it has one (0 and 0 otherwise)."""
+    rectified = WEIGHT in report
+    n = num_examples if rectified else 0
+    weight = report[WEIGHT].astype(np.float64) if rectified else np.zeros((num_classes, dim))
+    bias = report[BIAS].astype(np.float64) if rectified else np.zeros(num_classes)
+    loss = float(report[FEATURE_LOSS][0]) if FEATURE_LOSS in report else float("nan")
+    has_loss = bool(np.isfinite(loss))
+    return {RECTIFIED_EXAMPLES: np.array([n], dtype=np.int64), WEIGHT_SUM: n * weight, BIAS_SUM: n * bias,
+            LOSS_CLIENTS: np.array([int(has_loss)], dtype=np.int64),
+            LOSS_SUM: np.array([loss if has_loss else 0.0])}
 
 
 def balanced_prototype_loss(features: Tensor, labels: Tensor, prototypes: Tensor, held: Tensor,
@@ -176,6 +245,7 @@ class RUCRClient(ClientMethod):
         self._feature_sum, self._feature_steps = torch.zeros((), device=device), 0
         held = torch.bincount(labels, minlength=self.num_classes) > 0
         self.held = held.to(device)
+        self.num_examples, self.feature_dim = len(labels), model.feature_dim
         self.prototypes: Tensor | None = None
         if PROTOTYPES in self.payload and self.cfg.rucr_feature_weight > 0:
             ratio = torch.from_numpy(self.payload[CLASS_RATIO]).double()
@@ -219,10 +289,19 @@ class RUCRClient(ClientMethod):
         mean = float(self._feature_sum) / max(self._feature_steps, 1)
         return {**self._report, FEATURE_LOSS: np.array([mean if self._feature_steps else np.nan], dtype=np.float32)}
 
+    def summands(self) -> Payload:
+        """Secure aggregation: this client's terms of the rectified heads' and the feature loss's sums."""
+        return rectified_summands(self.report(), self.num_examples, self.num_classes, self.feature_dim)
+
     def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision,
                    generator: torch.Generator | None = None) -> Payload:
         """Per held class: count and mean feature of the (new global) model on the un-augmented local data."""
         return class_means(encoder_features(model, images, self.cfg.dataset, precision), labels, self.num_classes)
+
+    def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
+                            precision: Precision) -> Payload:
+        """``statistics`` under secure aggregation, as the dense terms of the server's sums."""
+        return means_summands(self.statistics(model, images, labels, precision), self.num_classes, model.feature_dim)
 
 
 class RUCRServer(ServerMethod):
@@ -232,6 +311,7 @@ class RUCRServer(ServerMethod):
             raise ValueError("method: 'rucr' re-trains a linear classifier; this model's head is not nn.Linear")
         self.dim = model.feature_dim
         self.statistics: dict[int, Payload] = {}  # partition id -> its class means on the current global model
+        self.secure_sums: Payload | None = None  # secure aggregation: every answering client's summed terms
         self.cohort: list[int] = []
         self.classifier: nn.Linear | None = None  # this round's rectified classifier (evaluation only)
         self.feature_loss = float("nan")
@@ -240,15 +320,22 @@ class RUCRServer(ServerMethod):
         self.cohort = list(cohort)
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
-        cohort = [self.statistics[p] for p in self.cohort if p in self.statistics]
-        if not cohort:  # round 1 (or after resume-from without statistics): cross-entropy alone
-            return {}
-        prototypes, counts = unified_prototypes(cohort, self.num_classes, self.dim)
+        if self.secure_sums is not None:  # every client's sums; the cohort is every client (checked in config)
+            cohort_sums = everyone = self.secure_sums
+        else:
+            cohort = [self.statistics[p] for p in self.cohort if p in self.statistics]
+            if not cohort:  # round 1 (or after resume-from without statistics): cross-entropy alone
+                return {}
+            segments = means_segments(self.num_classes, self.dim)
+            cohort_sums = summed(segments, (means_summands(p, self.num_classes, self.dim) for p in cohort))
+            everyone = summed(segments, (means_summands(p, self.num_classes, self.dim)
+                                         for p in self.statistics.values()))
+        prototypes, counts = prototypes_from_sums(cohort_sums)
         if counts.sum() == 0:
             return {}
         payload = {PROTOTYPES: prototypes.astype(np.float32), CLASS_RATIO: counts / counts.sum()}
         if rectification_round(self.cfg, server_round):
-            norm_means, held = normalised_means(list(self.statistics.values()), self.num_classes, self.dim)
+            norm_means, held = norm_means_from_sums(everyone)
             payload |= {NORM_MEANS: norm_means.astype(np.float32), NORM_HOLDERS: held}
         return payload
 
@@ -269,6 +356,22 @@ class RUCRServer(ServerMethod):
                   if FEATURE_LOSS in r.payload and np.isfinite(r.payload[FEATURE_LOSS][0])]
         self.feature_loss = float(np.mean(losses)) if losses else float("nan")
 
+    def sum_segments(self) -> dict[str, SumSpec]:
+        return rectified_segments(self.num_classes, self.dim)
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
+        """``absorb`` from the sums: Σ n W / Σ n over the clients that rectified, and the mean feature loss."""
+        examples = int(sums[RECTIFIED_EXAMPLES][0])
+        self.classifier = None
+        if examples > 0:
+            classifier = nn.Linear(self.dim, self.num_classes)
+            with torch.no_grad():
+                classifier.weight.copy_(torch.from_numpy(np.asarray(sums[WEIGHT_SUM]) / examples))
+                classifier.bias.copy_(torch.from_numpy(np.asarray(sums[BIAS_SUM]) / examples))
+            self.classifier = classifier
+        clients = int(sums[LOSS_CLIENTS][0])
+        self.feature_loss = float(sums[LOSS_SUM][0]) / clients if clients else float("nan")
+
     @classmethod
     def round_plan(cls, cfg: RunConfig, server_round: int) -> dict[str, Any]:
         return {"rectification (rucr-crt-rounds)": rectification_round(cfg, server_round),
@@ -282,6 +385,12 @@ class RUCRServer(ServerMethod):
                           reports: list[ClientReport]) -> None:
         self.statistics = {r.partition_id: r.payload for r in reports}  # a client that failed has none
 
+    def statistics_sum_segments(self) -> dict[str, SumSpec]:
+        return means_segments(self.num_classes, self.dim)
+
+    def absorb_statistics_sums(self, server_round: int, global_model: EncoderClassifier, sums: Payload) -> None:
+        self.secure_sums = {k: np.asarray(v) for k, v in sums.items()}
+
     def evaluation_model(self, global_model: EncoderClassifier) -> EncoderClassifier:
         return with_classifier(global_model, self.classifier)
 
@@ -289,7 +398,10 @@ class RUCRServer(ServerMethod):
         return {"rucr_feature_loss": self.feature_loss, "rucr_rectified": int(self.classifier is not None)}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"statistics": {p: dict(s) for p, s in self.statistics.items()}}
+        return {"statistics": {p: dict(s) for p, s in self.statistics.items()},
+                "secure_sums": None if self.secure_sums is None else dict(self.secure_sums)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.statistics = {int(p): dict(s) for p, s in state["statistics"].items()}
+        sums = state.get("secure_sums")  # absent from checkpoints written before secure aggregation ran RUCR
+        self.secure_sums = None if sums is None else dict(sums)
