@@ -149,10 +149,11 @@ def method_statistics(msg: Message, context: Context) -> Message:
     server_round = int(msg.content["config"]["server-round"])
     seed = statistics_seed(cfg.seed, server_round, node_partition(context.node_config)[0])
     precision = precision_for(cfg.precision, device)
+    generator = torch.Generator().manual_seed(seed)
     if cfg.secure_aggregation == "secagg":  # one masked vector of the method's summands leaves, nothing else
-        summands = method.statistics_summands(model, images, labels, precision)
+        summands = method.statistics_summands(model, images, labels, precision, generator)
         return Message(secure.masked_sums_reply(msg, context, summands, seed), reply_to=msg)
-    payload = method.statistics(model, images, labels, precision, torch.Generator().manual_seed(seed))
+    payload = method.statistics(model, images, labels, precision, generator)
     return Message(RecordDict({METHOD_KEY: payload_to_record(payload)}), reply_to=msg)
 
 

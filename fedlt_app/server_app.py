@@ -134,12 +134,7 @@ def main(grid: Grid, context: Context) -> None:
                 return None
             model.load_travelling_state(arrays.to_torch_state_dict())
             if strategy.server_method.wants_statistics(current.server_round):  # e.g. CCVR's calibration
-                if strategy.secure is not None:  # only the sum over the clients' answers is revealed
-                    sums = strategy.collect_statistics_sums(grid, arrays, cfg.round_timeout)
-                    strategy.server_method.absorb_statistics_sums(current.server_round, model, sums)
-                else:
-                    reports = strategy.collect_statistics(grid, arrays, cfg.round_timeout)
-                    strategy.server_method.absorb_statistics(current.server_round, model, reports)
+                strategy.query_statistics(grid, arrays, model, cfg.round_timeout)
             evaluation_started = time.perf_counter()
             evaluated = strategy.server_method.evaluation_model(model)
             result = evaluate(evaluated, test_images, test_labels, cfg.dataset, tail, data.class_counts,

@@ -237,13 +237,13 @@ class FedLTStrategy(Strategy):
         view = _CohortGrid(grid, [self.node_of_partition[p] for p in cohort])
         messages = list(self.inner.configure_train(server_round, arrays, config, view))  # type: ignore[arg-type]
         self.global_model.load_travelling_state(arrays.to_torch_state_dict())
+        self.server_method.begin_round(server_round, cohort)
+        if self.server_method.wants_statistics_before_training(server_round):  # FedYoYo's first phase
+            # (under secure aggregation a whole protocol instance of its own, closed before training's opens)
+            self.query_statistics(grid, arrays, self.global_model, self.query_timeout, partitions=cohort)
         if self.secure is not None:  # deltas against the model in its own dtypes: what every client starts from
             messages = self._secure_prepare(grid, server_round, messages,
                                             ArrayRecord(self.global_model.travelling_state()))
-        self.server_method.begin_round(server_round, cohort)
-        if self.server_method.wants_statistics_before_training(server_round):  # FedYoYo's first phase
-            reports = self.collect_statistics(grid, arrays, self.query_timeout, partitions=cohort)
-            self.server_method.absorb_statistics(server_round, self.global_model, reports)
         payload = self.server_method.broadcast(server_round, self.global_model)
         for index, message in enumerate(messages):
             if payload:
@@ -308,6 +308,19 @@ class FedLTStrategy(Strategy):
             override_entries(arrays, self.server_method.global_model_overrides(server_round))
         return arrays, metrics
 
+    def query_statistics(self, grid: Grid, arrays: ArrayRecord, model: EncoderClassifier, timeout: float,
+                         partitions: list[int] | None = None) -> None:
+        """The method's statistics query on ``arrays`` (``model`` holds them) to ``partitions`` (None: every
+        client), handed to the server method: each answer plainly, or under secure aggregation only their sum."""
+        assert self.current is not None, "statistics are gathered within a round"
+        server_round = self.current.server_round
+        if self.secure is not None:
+            sums = self.collect_statistics_sums(grid, arrays, timeout, partitions)
+            self.server_method.absorb_statistics_sums(server_round, model, sums)
+        else:
+            self.server_method.absorb_statistics(server_round, model,
+                                                 self.collect_statistics(grid, arrays, timeout, partitions))
+
     def collect_statistics(self, grid: Grid, arrays: ArrayRecord, timeout: float,
                            partitions: list[int] | None = None) -> list[ClientReport]:
         """``ClientMethod.statistics`` on ``arrays``, outside training, of ``partitions`` (None: every client).
@@ -328,13 +341,15 @@ class FedLTStrategy(Strategy):
                                         record_to_payload(reply.content.get(METHOD_KEY))))
         return reports
 
-    def collect_statistics_sums(self, grid: Grid, arrays: ArrayRecord, timeout: float) -> Payload:
+    def collect_statistics_sums(self, grid: Grid, arrays: ArrayRecord, timeout: float,
+                                partitions: list[int] | None = None) -> Payload:
         """``collect_statistics`` under secure aggregation: every client answers its method's
         ``statistics_summands`` on ``arrays`` inside a second instance of the protocol, and the server
-        learns only their sum over the clients that answered (``ServerMethod.statistics_sum_segments``)."""
+        learns only their sum over the clients of ``partitions`` (None: every client) that answered
+        (``ServerMethod.statistics_sum_segments``)."""
         current = self.current
         assert current is not None and self.secure is not None, "secure statistics are gathered within a round"
-        messages = self._statistics_messages(current, arrays, None)
+        messages = self._statistics_messages(current, arrays, partitions)
         self.secure.bytes_up = self.secure.bytes_down = 0  # the protocol's own queries, counted at the end
         try:
             kept = self.secure.prepare_sums(grid, current.server_round, messages,

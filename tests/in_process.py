@@ -106,3 +106,15 @@ def record_calls(monkeypatch: pytest.MonkeyPatch, cls: type, name: str) -> list[
 
     monkeypatch.setattr(cls, name, recording)
     return calls
+
+
+def run_off_and_secagg(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int = 3,
+                       run_name: str = "run") -> dict[str, Path]:
+    """``run_config`` twice in process, with secure-aggregation off and secagg (W&B off); each run's folder by mode."""
+    folders = {}
+    for mode in ("off", "secagg"):
+        code = run_in_process(tmp, monkeypatch, f"{run_config} secure-aggregation='{mode}' output-dir='{tmp / mode}' "
+                              f"run-name='{run_name}' wandb-mode='disabled'", num_clients=num_clients)
+        assert code == 0
+        folders[mode] = tmp / mode / run_name
+    return folders

@@ -35,7 +35,7 @@ from fedlt_app.methods.decoupled.ccvr import (
 from fedlt_app.metrics import evaluate
 from fedlt_app.precision import FP32
 from fedlt_app.task import trained_model
-from in_process import record_calls, run_in_process
+from in_process import record_calls, run_in_process, run_off_and_secagg
 from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
@@ -222,15 +222,9 @@ def test_ccvr_under_secure_aggregation_calibrates_on_the_same_gaussians(tmp_path
     which bf16 features could turn into whole bf16 steps on one machine and not on another."""
     calibrations = record_calls(monkeypatch, CCVRServer, "calibrate")
     answers = record_calls(monkeypatch, CCVRClient, "statistics_summands")  # what the secure run's clients masked
-    for mode in ("off", "secagg"):
-        code = run_in_process(
-            tmp_path, monkeypatch,
-            f"method='ccvr' secure-aggregation='{mode}' num-server-rounds=2 samples-per-class=30 "
-            f"imbalance-ratio=10.0 ccvr-virtual-per-class=50 ccvr-retrain-epochs=2 output-dir='{tmp_path / mode}' "
-            "run-name='ccvr' wandb-mode='disabled' precision='fp32'",
-            num_clients=3,
-        )
-        assert code == 0
+    runs = run_off_and_secagg(tmp_path, monkeypatch, "method='ccvr' num-server-rounds=2 samples-per-class=30 "
+                              "imbalance-ratio=10.0 ccvr-virtual-per-class=50 ccvr-retrain-epochs=2 precision='fp32'",
+                              run_name="ccvr")
     seen = {mode: [call.args[1] for call in calibrations if call.instance.cfg.secure_aggregation == mode]
             for mode in ("off", "secagg")}  # calibrate(global_model, statistics)
     summands = [call.result for call in answers]
@@ -252,8 +246,8 @@ def test_ccvr_under_secure_aggregation_calibrates_on_the_same_gaussians(tmp_path
             np.testing.assert_allclose(secure[c][1], mean, rtol=0, atol=3 * 2.0**-16)
             step = 3 * 2.0**-16 * (1 + np.abs(mean).max() ** 2)  # codec steps, through Σxxᵀ − Nμμᵀ
             np.testing.assert_allclose(secure[c][2], covariance, rtol=1e-6, atol=step)
-    off = [json.loads(x) for x in (tmp_path / "off" / "ccvr" / "metrics.jsonl").read_text().splitlines()]
-    secure = [json.loads(x) for x in (tmp_path / "secagg" / "ccvr" / "metrics.jsonl").read_text().splitlines()]
+    off = [json.loads(x) for x in (runs["off"] / "metrics.jsonl").read_text().splitlines()]
+    secure = [json.loads(x) for x in (runs["secagg"] / "metrics.jsonl").read_text().splitlines()]
     assert all(math.isfinite(r["ccvr_retrain_loss"]) for r in secure)
     assert all(s["bytes_up"] > 0 for s in secure)
     # the secure run's model average is the plain one up to the codec, so round 1's calibrated accuracies agree

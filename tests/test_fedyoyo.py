@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 from app_runs import metrics_rows
-from in_process import run_in_process
+from in_process import record_calls, run_in_process, run_off_and_secagg
 from test_baselines import C, federated, images_labels, linear_model, setup
 from torch import nn
 from torch.nn import functional as F
@@ -220,6 +220,31 @@ def test_fedyoyo_runs_through_the_apps_with_the_query_before_training(tmp_path: 
         assert 0 < row["fedyoyo_prior_min"] <= row["fedyoyo_prior_max"] < 1
         # the query before training travels too: the model goes down twice to each client
         assert row["parameters_down"] > 2 * row["parameters_up"] * 0.9
+
+
+def test_fedyoyo_under_secure_aggregation_takes_the_prior_from_the_cohorts_masked_sum(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """secagg: the query before training is a protocol instance of its own, asked of the round's cohort only;
+    the server's sum is what those clients masked (within the statistics codec's steps) and round 1, where
+    both runs start from one model, broadcasts the plain run's prior."""
+    broadcasts = record_calls(monkeypatch, FedYoYoServer, "broadcast")
+    sums = record_calls(monkeypatch, FedYoYoServer, "absorb_statistics_sums")
+    answers = record_calls(monkeypatch, FedYoYoClient, "statistics_summands")
+    runs = run_off_and_secagg(tmp_path, monkeypatch, "method='fedyoyo' num-server-rounds=2 clients-per-round=3 "
+                              "samples-per-class=30 imbalance-ratio=10.0 fedyoyo-warmup=2 precision='fp32'",
+                              num_clients=4, run_name="yoyo")
+    assert len(answers) == 2 * 3  # two rounds, a cohort of 3 of the 4 clients each
+    secure_sums = [call.args[2] for call in sums if call.instance.cfg.secure_aggregation == "secagg"]
+    assert len(secure_sums) == 2
+    for round_index, total in enumerate(secure_sums):
+        masked = sum(call.result[EFFECTIVE] for call in answers[3 * round_index:3 * round_index + 3])
+        np.testing.assert_allclose(total[EFFECTIVE], masked, rtol=0, atol=3 * 2.0**-16)
+    priors = {mode: [call.result[PRIOR] for call in broadcasts if call.instance.cfg.secure_aggregation == mode]
+              for mode in ("off", "secagg")}
+    np.testing.assert_allclose(priors["secagg"][0], priors["off"][0], rtol=1e-5)
+    rows = metrics_rows(runs["secagg"])
+    assert [r["round"] for r in rows] == [1, 2] and all(math.isfinite(r["accuracy"]) for r in rows)
+    assert all(r["bytes_up"] > 0 for r in rows)
 
 
 def test_views_share_batch_statistics_on_batchnorm_models_and_dropout_masks_stay_paired_on_the_others() -> None:

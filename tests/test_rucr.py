@@ -26,7 +26,7 @@ from fedlt_app.methods.decoupled.rucr import (RUCRClient, RUCRServer, balanced_p
                                               prototypes_from_sums, rectified_segments, rectified_summands,
                                               unified_prototypes)
 from fedlt_app.precision import FP32
-from in_process import record_calls, run_in_process
+from in_process import record_calls, run_in_process, run_off_and_secagg
 from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
@@ -313,15 +313,9 @@ def test_rucr_under_secure_aggregation_matches_a_plain_run(tmp_path: Path, monke
     clients masked (within the statistics codec's steps), and both runs rectify and score alike."""
     broadcasts = record_calls(monkeypatch, RUCRServer, "broadcast")
     answers = record_calls(monkeypatch, RUCRClient, "statistics_summands")
-    for mode in ("off", "secagg"):
-        code = run_in_process(
-            tmp_path, monkeypatch,
-            f"method='rucr' secure-aggregation='{mode}' num-server-rounds=2 samples-per-class=30 "
-            "imbalance-ratio=10.0 rucr-crt-rounds=1 rucr-crt-epochs=2 rucr-crt-features-per-class=20 "
-            f"precision='fp32' output-dir='{tmp_path / mode}' run-name='rucr' wandb-mode='disabled'",
-            num_clients=3,
-        )
-        assert code == 0
+    runs = run_off_and_secagg(tmp_path, monkeypatch, "method='rucr' num-server-rounds=2 samples-per-class=30 "
+                              "imbalance-ratio=10.0 rucr-crt-rounds=1 rucr-crt-epochs=2 rucr-crt-features-per-class=20 "
+                              "precision='fp32'", run_name="rucr")
     sent = {mode: [call.result for call in broadcasts if call.instance.cfg.secure_aggregation == mode]
             for mode in ("off", "secagg")}
     answered = [call.result for call in answers]
@@ -335,7 +329,7 @@ def test_rucr_under_secure_aggregation_matches_a_plain_run(tmp_path: Path, monke
     # the two runs' global models differ by the train codec's steps only, so their statistics nearly agree
     for key in (rucr.PROTOTYPES, rucr.NORM_MEANS):
         np.testing.assert_allclose(round2_secure[key], round2_plain[key], atol=1e-3)
-    rows = {mode: [json.loads(x) for x in (tmp_path / mode / "rucr" / "metrics.jsonl").read_text().splitlines()]
+    rows = {mode: [json.loads(x) for x in (runs[mode] / "metrics.jsonl").read_text().splitlines()]
             for mode in ("off", "secagg")}
     assert [r["rucr_rectified"] for r in rows["secagg"]] == [r["rucr_rectified"] for r in rows["off"]] == [0, 1]
     for plain_row, secure_row in zip(rows["off"], rows["secagg"], strict=True):

@@ -144,8 +144,8 @@ def test_keys_are_validated_and_methods_needing_per_client_values_refused() -> N
         resolve({"secure-aggregation": "on"})
     with pytest.raises(ConfigError, match=r"secure-aggregation: 'secagg' cannot run method='climb': .*each client's"):
         resolve({"secure-aggregation": "secagg", "method": "climb"})
-    with pytest.raises(ConfigError, match=r"method='fedyoyo': its server needs more than sums"):
-        resolve({"secure-aggregation": "secagg", "method": "fedyoyo"})
+    with pytest.raises(ConfigError, match=r"method='fedloge': its server needs more than sums"):
+        resolve({"secure-aggregation": "secagg", "method": "fedloge"})
     for method in ("redgrape", "grape-la", "creff"):  # their servers need per-class sums and holder counts
         assert resolve({"secure-aggregation": "secagg", "method": method}).method == method
     with pytest.raises(ConfigError, match="secagg-min-cohort"):

@@ -129,10 +129,11 @@ class ClientMethod:
         return {}
 
     def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
-                            precision: Precision) -> Payload:
+                            precision: Precision, generator: torch.Generator | None = None) -> Payload:
         """``statistics`` under secure aggregation: this client's term of each of its server's
         ``statistics_sum_segments``, dense and of exactly the declared shape (a class the client lacks is a
-        zero row), masked on the way so that the server learns only the sum over the clients."""
+        zero row), masked on the way so that the server learns only the sum over the clients.
+        ``generator``: the query's own stream, as for ``statistics``."""
         return {}
 
     def state_to_keep(self, model: EncoderClassifier) -> ClientState:

@@ -115,7 +115,7 @@ class SecureRounds:
         nodes = [m.metadata.dst_node_id for m in messages]
         threshold = max(default_threshold(len(nodes)), self.min_cohort)
         if threshold > len(nodes):
-            raise BelowThreshold(f"round {server_round}: the cohort has {len(nodes)} clients, fewer than "
+            raise BelowThreshold(f"the cohort has {len(nodes)} clients, fewer than "
                                  f"secagg-min-cohort={self.min_cohort}")
         context = b"fedlt-secagg|round=%d|%s|" % (server_round, tag) + os.urandom(16)
         server = SecAggServer(nodes, threshold, context, layout.length)

@@ -158,7 +158,7 @@ class CCVRClient(ClientMethod):
         return class_moments(features, labels, self.num_classes)
 
     def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
-                            precision: Precision) -> Payload:
+                            precision: Precision, generator: torch.Generator | None = None) -> Payload:
         return class_sums(encoder_features(model, images, self.cfg.dataset, precision), labels, self.num_classes)
 
 

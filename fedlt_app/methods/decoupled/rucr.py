@@ -299,7 +299,7 @@ class RUCRClient(ClientMethod):
         return class_means(encoder_features(model, images, self.cfg.dataset, precision), labels, self.num_classes)
 
     def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
-                            precision: Precision) -> Payload:
+                            precision: Precision, generator: torch.Generator | None = None) -> Payload:
         """``statistics`` under secure aggregation, as the dense terms of the server's sums."""
         return means_summands(self.statistics(model, images, labels, precision), self.num_classes, model.feature_dim)
 

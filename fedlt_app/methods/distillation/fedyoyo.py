@@ -36,7 +36,11 @@ Deviations, each forced by fedlt's shared loop or data and none changing the met
   operations act on the grey level.
 * The KL term is 0 when no weak view of the batch is classified correctly (the authors' code computes a
   0/0 NaN there and replaces it by 0: the same value).
-* Secure aggregation refuses ``fedyoyo``: the first phase reveals each client's per-class dispersion.
+
+Secure aggregation (``secure-aggregation=secagg``): the server needs only Σ eff over the cohort, so the first
+phase runs as a protocol instance of its own before the train round's (the cohort answers its dense eff vector
+masked, ``statistics_summands``; ``statistics_sum_segments``), and the server learns the cohort's sum, not
+any client's dispersion. The plain path absorbs the same sum.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ from torch.nn import functional as F
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
 from fedlt_app.data.transforms import CROP_PADDING, CUTOUT_SIZE, to_float
-from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod
+from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
 from fedlt_app.methods.features import encoder_features
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import Precision
@@ -224,6 +228,11 @@ class FedYoYoClient(ClientMethod):
         eff = effective_weights(features, labels, self.num_classes, self.cfg.batch_size, generator)
         return {EFFECTIVE: eff.double().numpy()}
 
+    def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
+                            precision: Precision, generator: torch.Generator | None = None) -> Payload:
+        """Secure aggregation: the same eff vector (dense over the classes already), masked."""
+        return self.statistics(model, images, labels, precision, generator)
+
 
 class FedYoYoServer(ServerMethod):
     """The cohort's effective weights before each round's training -> the smoothed prior it broadcasts."""
@@ -238,8 +247,15 @@ class FedYoYoServer(ServerMethod):
 
     def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
                           reports: list[ClientReport]) -> None:
-        current = np.ones(self.num_classes) + sum(np.asarray(r.payload[EFFECTIVE], dtype=np.float64)
-                                                  for r in reports)
+        self.absorb_statistics_sums(server_round, global_model, {EFFECTIVE: sum(
+            (np.asarray(r.payload[EFFECTIVE], dtype=np.float64) for r in reports), np.zeros(self.num_classes))})
+
+    def statistics_sum_segments(self) -> dict[str, SumSpec]:
+        return {EFFECTIVE: SumSpec((self.num_classes,))}
+
+    def absorb_statistics_sums(self, server_round: int, global_model: EncoderClassifier, sums: Payload) -> None:
+        """The prior from the cohort's Σ eff (on top of a vector of ones), smoothed across rounds."""
+        current = np.ones(self.num_classes) + np.asarray(sums[EFFECTIVE], dtype=np.float64)
         self.previous = smoothed_effective_weights(current, self.previous)
         self.prior = self.previous / self.previous.sum()
 
