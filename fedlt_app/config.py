@@ -24,13 +24,13 @@ METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss"
 # ServerMethod.client_weighting), for fedavg-la / grape-la the class counts, for redgrape / grape-la / creff /
 # fednh per-class sums and counts,
 # fedgrab its clients' summed PID weights, moon its contrasting clients' count and summed term
-# (ServerMethod.sum_segments); fedetf / fednh's personalised
+# (ServerMethod.sum_segments); fedetf / fednh / fedloge personalised
 # accuracy travels masked (the cohort's mean only); ccvr's statistics query, per-class feature sums and second
 # moments, in a second secure instance (ServerMethod.statistics_sum_segments); rucr's class-means query the
 # same way (full participation only: its prototypes are the cohort's) and its rectified heads' weighted sum;
 # fedyoyo's pre-training dispersion query (the cohort's Σ eff) as an instance of its own before training's.
 SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "redgrape", "grape-la", "creff",
-                  "fedetf", "fednh", "fedgrab", "moon", "ccvr", "rucr", "fedyoyo")
+                  "fedetf", "fednh", "fedgrab", "moon", "ccvr", "rucr", "fedyoyo", "fedloge")
 CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")  # need the clip extra and clip-weights (fedlt_app/clip)
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)

@@ -40,7 +40,7 @@ from fedlt_app.models import EncoderClassifier, build_model
 from fedlt_app.records import CLIENT_STATE_KEY, content_parameters, load_client_state
 from fedlt_app.task import federated_data, initial_model
 from fedlt_app.train import LocalTraining, train_locally
-from in_process import run_in_process
+from in_process import run_in_process, run_off_and_secagg
 
 C, P, D = 4, 6, 5  # classes; pixels of a (1, 1, P) image; the toy backbone's feature width
 STEPS = 300  # SSE-C optimisation steps in the unit tests (the default 10000 is the official)
@@ -411,3 +411,24 @@ def test_a_realigned_head_keeps_its_class_mask_on_its_own_device() -> None:
     head = RealignedHead(torch.eye(3, 4), torch.zeros(3), torch.tensor([True, False, True]))
     logits = head(torch.ones(2, 4))
     assert torch.isinf(logits[:, 1]).all() and torch.isfinite(logits[:, [0, 2]]).all()
+
+
+def test_fedloge_under_secure_aggregation_matches_a_plain_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """FedLoGe's server needs only the weighted model average (backbone and g_aux; the local heads and the SSE-C
+    never travel), so secagg gives the plain run's model up to the codec's steps, and the personalised accuracy
+    travels masked: the cohort's mean only."""
+    runs = run_off_and_secagg(tmp_path, monkeypatch, "method='fedloge' samples-per-class=60 imbalance-ratio=10.0 "
+                              "num-server-rounds=2 fedloge-sse-steps=200 precision='fp32'", run_name="fedloge")
+    rows = {mode: [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+            for mode, folder in runs.items()}
+    for plain, secure in zip(rows["off"], rows["secagg"], strict=True):
+        assert abs(secure["accuracy"] - plain["accuracy"]) < 0.02
+        assert secure["personalised_accuracy"] == pytest.approx(plain["personalised_accuracy"], abs=0.02)
+        assert "personalised_accuracy_per_client" not in secure  # per client: never under secagg
+        assert secure["fedloge_aux_norm_ratio"] == pytest.approx(plain["fedloge_aux_norm_ratio"], rel=1e-3)
+    secure_model = torch.load(runs["secagg"] / "final_model.pt", weights_only=False)["state"]
+    plain_model = torch.load(runs["off"] / "final_model.pt", weights_only=False)["state"]
+    assert sorted(secure_model) == sorted(plain_model)
+    for key, value in plain_model.items():  # two rounds of codec steps, amplified by one round of training
+        np.testing.assert_allclose(np.asarray(secure_model[key], np.float64), np.asarray(value, np.float64),
+                                   atol=1e-3, err_msg=key)
