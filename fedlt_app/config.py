@@ -30,7 +30,8 @@ METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss"
 # same way (full participation only: its prototypes are the cohort's) and its rectified heads' weighted sum;
 # fedyoyo's pre-training dispersion query (the cohort's Σ eff) as an instance of its own before training's.
 SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "redgrape", "grape-la", "creff",
-                  "fedetf", "fednh", "fedgrab", "moon", "ccvr", "rucr", "fedyoyo", "fedloge")
+                  "fedetf", "fednh", "fedgrab", "moon", "ccvr", "rucr", "fedyoyo", "fedloge", "zero-shot-clip",
+                  "promptfl", "clip2fl")
 CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")  # need the clip extra and clip-weights (fedlt_app/clip)
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)

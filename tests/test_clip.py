@@ -28,7 +28,7 @@ from fedlt_app.data import to_float
 from fedlt_app.methods import ClientMethod
 from fedlt_app.records import content_nbytes
 from fedlt_app.train import LocalTraining, train_locally
-from in_process import run_in_process
+from in_process import run_in_process, run_off_and_secagg
 
 SKIP_REASON = 'open_clip is absent: the CLIP methods need the optional extra (pip install -e ".[clip]")'
 EMBED = 64  # text width = joint width of the tiny CLIP
@@ -176,6 +176,25 @@ def test_prompt_context_set_to_a_phrase_reproduces_that_phrases_prompt(tiny_clip
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_the_initial_context_does_not_depend_on_whether_clip_was_loaded_before(
+        tiny_clip: tuple, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found by a secure and a plain run disagreeing: loading CLIP draws the architecture's random weights, so
+    the first load in a process moved the global stream between ``initial_model``'s seed and the context's
+    draw, and the round-0 model depended on the process's history. Loading now leaves the stream alone."""
+    from fedlt_app.clip import backbone
+    from fedlt_app.task import initial_model
+
+    cfg = clip_config("promptfl", tiny_clip[1], **{"promptfl-n-ctx": 2})
+    data = SimpleNamespace(num_classes=10)
+    monkeypatch.setattr(backbone, "_BACKBONES", {})  # this process has loaded no CLIP yet
+    first = initial_model(cfg, data).classifier.context.detach().clone()  # loads it
+    again = initial_model(cfg, data).classifier.context.detach()  # finds it loaded
+    torch.manual_seed(cfg.seed)
+    expected = torch.randn(2, EMBED) * 0.02  # CoOp's N(0, 0.02²), the seed's first draws
+    torch.testing.assert_close(first, again, rtol=0, atol=0)
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+
+
 def test_training_moves_only_the_context_and_only_the_context_travels(tiny_clip: tuple) -> None:
     model = build("promptfl", tiny_clip[1], "fmnist", 10, **{"promptfl-n-ctx": 3})
     frozen = {k: v.clone() for k, v in model.clip.state_dict().items()}
@@ -247,3 +266,19 @@ def test_zero_shot_end_to_end_trains_nothing_and_matches_direct_evaluation(
     logits = direct_zero_shot_logits(tiny_clip[0], rgb.clamp(0, 1), CLASS_NAMES["fmnist"])
     accuracy = float((logits.argmax(dim=1) == labels).float().mean())
     assert rows[0]["accuracy"] == rows[1]["accuracy"] == pytest.approx(accuracy, abs=1e-9)
+
+
+def test_promptfl_under_secure_aggregation_matches_a_plain_run(tiny_clip: tuple, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """PromptFL's server averages the context vectors, nothing else: under secagg they travel masked and the
+    averaged context equals the plain run's up to the codec's steps (3 clients: secagg's smallest cohort)."""
+    runs = run_off_and_secagg(tmp_path, monkeypatch,
+                              f"method='promptfl' clip-weights='{tiny_clip[1]}' promptfl-n-ctx=2 num-server-rounds=2 "
+                              "samples-per-class=12 imbalance-ratio=2.0 local-lr=0.5 precision='fp32'", run_name="pfl")
+    contexts = {mode: torch.load(folder / "final_model.pt", weights_only=False)["state"]
+                for mode, folder in runs.items()}
+    assert sorted(contexts["secagg"]) == sorted(contexts["off"])
+    for key, value in contexts["off"].items():
+        np.testing.assert_allclose(contexts["secagg"][key].numpy(), value.numpy(), atol=1e-4, err_msg=key)
+    for plain, secure in zip(rows_of(runs["off"]), rows_of(runs["secagg"]), strict=True):
+        assert abs(secure["accuracy"] - plain["accuracy"]) < 0.05

@@ -24,7 +24,7 @@ from fedlt_app.methods.vision_language.clip2fl import (
 )
 from fedlt_app.models import build_model
 from fedlt_app.clip.backbone import CLIP_MEAN, CLIP_STD
-from in_process import run_in_process
+from in_process import run_in_process, run_off_and_secagg
 from test_clip import IMAGE, clip_config, make_tiny_clip
 
 CNN_WIDTH = 128  # the cnn's feature width: the tiny CLIP here is as wide, so the text-guided term applies
@@ -131,3 +131,18 @@ def test_clip2fl_end_to_end(tiny_clip: tuple, tmp_path: Path, monkeypatch: pytes
     for row in rows:
         assert row["failed_clients"] == [] and 0.0 <= row["accuracy"] <= 1.0
         assert np.isfinite(row["clip2fl_contrast_loss"]) and np.isfinite(row["train_loss"])
+
+
+def test_clip2fl_under_secure_aggregation_runs_as_creff(tiny_clip: tuple, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """CLIP2FL's server is CReFF's plus a server-side text term: under secagg its clients' real gradients travel as
+    CReFF's per-class sums and holder counts, so it runs and scores as the plain run does."""
+    runs = run_off_and_secagg(tmp_path, monkeypatch,
+                              f"method='clip2fl' clip-weights='{tiny_clip[1]}' num-server-rounds=2 samples-per-class=6 "
+                              "imbalance-ratio=2.0 batch-size=16 creff-features-per-class=4 creff-match-steps=3 "
+                              "creff-retrain-epochs=2 precision='fp32'", run_name="c2")
+    rows = {mode: metrics_rows(folder) for mode, folder in runs.items()}
+    for plain, secure in zip(rows["off"], rows["secagg"], strict=True):
+        assert secure["failed_clients"] == [] and np.isfinite(secure["clip2fl_contrast_loss"])
+        assert abs(secure["accuracy"] - plain["accuracy"]) < 0.05
+        assert secure["clip2fl_contrast_loss"] == pytest.approx(plain["clip2fl_contrast_loss"], rel=0.05)

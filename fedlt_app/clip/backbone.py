@@ -68,7 +68,12 @@ def load_clip(path: str, device: torch.device | str = "cpu") -> nn.Module:
     resolved = weights_path(path)
     key = (str(resolved), str(torch.device(device)))
     if key not in _BACKBONES:
-        model = open_clip.load_openai_model(str(resolved), precision="fp32", device=str(torch.device(device)))
+        # Building the architecture draws random initial weights before the file's replace them; without the
+        # fork those draws would move the global stream only in the process's first load, so a model seeded
+        # before this call (PromptFL's random context, after ``initial_model``'s seed) would depend on
+        # whether an earlier run in the process had loaded CLIP already.
+        with torch.random.fork_rng():
+            model = open_clip.load_openai_model(str(resolved), precision="fp32", device=str(torch.device(device)))
         model.eval().requires_grad_(False)
         _BACKBONES[key] = model
     return _BACKBONES[key]
