@@ -33,7 +33,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -461,8 +461,16 @@ NOT_RECORDED = "not recorded (runs made before fedlt kept the server's machine)"
 
 
 def machine_label(config: dict[str, Any]) -> str:
-    """Where a run computed, as far as float rounding goes: the CPU and the kernels torch picked, or the GPU."""
-    machine = config.get("server_machine")
+    """Where a run computed, as far as float rounding goes: the CPU and the kernels torch picked, or the GPU;
+    a run resumed on other machines names each with the round it took over from (``machine_history``)."""
+    history = config.get("machine_history") or []
+    labels = [(h["from_round"], _one_machine(h["server_machine"], config)) for h in history]
+    if len({label for _, label in labels}) > 1:
+        return "; ".join(f"{label} from round {start}" for start, label in labels)
+    return _one_machine(config.get("server_machine"), config)
+
+
+def _one_machine(machine: dict[str, Any] | None, config: dict[str, Any]) -> str:
     if not machine:
         return NOT_RECORDED
     label = f"{machine.get('cpu') or '?'} ({machine.get('cpu_capability') or '?'}), torch {machine.get('torch')}"
@@ -471,18 +479,24 @@ def machine_label(config: dict[str, Any]) -> str:
     return label
 
 
-def machines(res: SweepResults) -> list[tuple[str, list[str]]]:
-    """(machine, the completed runs computed there), the machine with most runs first."""
+def machines_of(configs: Mapping[str, dict[str, Any]]) -> list[tuple[str, list[str]]]:
+    """(machine, the runs computed there) from run name -> config.json, the machine with most runs first."""
     where: dict[str, list[str]] = {}
-    for name, run in res.runs.items():
-        where.setdefault(machine_label(run.config), []).append(name)
+    for name, config in configs.items():
+        where.setdefault(machine_label(config), []).append(name)
     return sorted(where.items(), key=lambda item: (-len(item[1]), item[0]))
 
 
-def machines_section(res: SweepResults) -> str:
-    """table.md's account of where its runs computed: runs of one seed on other kernels differ in rounding."""
-    found = machines(res)
-    lines = ["## Machines", "",
+def machines(res: SweepResults) -> list[tuple[str, list[str]]]:
+    """(machine, the completed runs computed there), the machine with most runs first."""
+    return machines_of({name: run.config for name, run in res.runs.items()})
+
+
+def machines_lines(configs: Mapping[str, dict[str, Any]], heading: str = "## Machines") -> list[str]:
+    """A results table's account of where its runs computed: runs of one seed on other kernels differ in
+    rounding, so a table that mixes machines says so."""
+    found = machines_of(configs)
+    lines = [heading, "",
              "Where each completed run computed (the server process; a simulation's clients run there too)."]
     if len(found) > 1:
         lines.append("Runs paired across machines still share data, initialisation, cohorts and batches, but not "
@@ -491,7 +505,12 @@ def machines_section(res: SweepResults) -> str:
     for label, names in found:
         shown = ", ".join(f"`{n}`" for n in names[:6]) + (f" and {len(names) - 6} more" if len(names) > 6 else "")
         lines.append(f"- {label}: {len(names)} run(s): {shown}")
-    return "\n".join(lines)
+    return lines
+
+
+def machines_section(res: SweepResults) -> str:
+    """table.md's Machines section."""
+    return "\n".join(machines_lines({name: run.config for name, run in res.runs.items()}))
 
 
 def _csv_text(lines: Iterable[Sequence[Any]]) -> str:

@@ -63,6 +63,23 @@ def federation_info(num_clients: int, class_counts: Sequence[int], client_indice
     }
 
 
+def machine_history(run_dir: Path, resume_after: int, machine: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """Which machine computed which rounds (cycles), for a run continued with ``resume-from``: the written
+    ``config.json``'s history (or its one machine, from round 1) cut at ``resume_after``, then ``machine`` from
+    the next round. A resumed run may compute on another CPU than it started on (a later session's machine),
+    and its digits after the resume then carry that machine's rounding; empty when nothing was recorded."""
+    try:
+        written = json.loads((run_dir / "config.json").read_text())
+    except (OSError, ValueError):
+        return []
+    history = written.get("machine_history") or (
+        [{"from_round": 1, "server_machine": written["server_machine"]}] if written.get("server_machine") else [])
+    history = [h for h in history if h["from_round"] <= resume_after]
+    if machine is not None and (not history or history[-1]["server_machine"] != machine):
+        history.append({"from_round": resume_after + 1, "server_machine": machine})
+    return history
+
+
 def machine_info() -> dict[str, Any]:
     """The server process's machine: what decides float rounding, so two runs' digits can be compared.
 
@@ -152,9 +169,12 @@ class RunRecorder:
         self.draw = pictures
         self.pictures: list[Path] = []  # written by finish()
         run_dir.mkdir(parents=True, exist_ok=True)
+        self.config = {"run_config": cfg.as_dict(), **info}
         if resume_after is not None:
             self.rounds = self._rounds_up_to(resume_after)
-        self.config = {"run_config": cfg.as_dict(), **info}
+            history = machine_history(run_dir, resume_after, info.get("server_machine"))
+            if history:
+                self.config["machine_history"] = history
         (run_dir / "config.json").write_text(json_text(self.config))
         self._metrics = open(run_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
         self._wandb = self._start_wandb() if cfg.wandb_mode != "disabled" else None

@@ -224,3 +224,23 @@ def test_compare_refuses_a_seed_in_run_config(tmp_path: Path, fake_launch: FakeL
     assert exit_info.value.code == 2
     assert "--seeds" in capsys.readouterr().err
     assert fake_launch.calls == []
+
+
+def test_table_says_where_each_run_computed(tmp_path: Path) -> None:
+    """Seeds computed on CPUs whose kernels differ do not share float rounding: the table lists the machines."""
+    runs = fixture_runs(tmp_path)
+    avx2 = {"cpu": "AMD EPYC", "cpu_capability": "AVX2", "torch": "2.14.1"}
+    avx512 = {**avx2, "cpu_capability": "AVX512"}
+    for run in runs:
+        config = json.loads((run / "config.json").read_text())
+        config["server_machine"] = avx2 if run.name.endswith("seed0") else avx512
+        if run.name == "fairfal-seed2":  # started on one machine, resumed on another after cycle 2
+            config["machine_history"] = [{"from_round": 1, "server_machine": avx2},
+                                         {"from_round": 3, "server_machine": avx512}]
+        (run / "config.json").write_text(json.dumps(config))
+    table = comparison_table(runs)
+    assert "## Machines" in table and "paired differences include it" in table
+    assert "- AMD EPYC (AVX512), torch 2.14.1: 2 run(s): `fairfal-seed1`, `random-seed1`" in table
+    assert "- AMD EPYC (AVX2), torch 2.14.1: 2 run(s): `fairfal-seed0`, `random-seed0`" in table
+    assert ("- AMD EPYC (AVX2), torch 2.14.1 from round 1; AMD EPYC (AVX512), torch 2.14.1 from round 3: "
+            "1 run(s): `fairfal-seed2`") in table

@@ -172,6 +172,28 @@ def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:
         load_checkpoint(tmp_path / "missing")
 
 
+def test_a_resumed_run_records_which_machine_computed_which_rounds(tmp_path: Path) -> None:
+    """A run continued in a later session may compute on another CPU: config.json keeps the machine it started
+    on with the rounds it computed, and each resume's machine from the round it took over."""
+    cfg = resolve({})
+    first, second = {"cpu": "A", "cpu_capability": "AVX2"}, {"cpu": "A", "cpu_capability": "AVX512"}
+    with RunRecorder(cfg, tmp_path, {"server_machine": first}) as recorder:
+        for r in (1, 2, 3):
+            recorder.log_round({"round": r, "accuracy": 0.1, "tail_accuracy": 0.0, "round_seconds": 1.0,
+                                "per_class_accuracy": [0.0]})
+    assert "machine_history" not in json.loads((tmp_path / "config.json").read_text())  # never resumed
+    with RunRecorder(cfg, tmp_path, {"server_machine": second}, resume_after=2):
+        pass
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["server_machine"] == second
+    assert config["machine_history"] == [{"from_round": 1, "server_machine": first},
+                                         {"from_round": 3, "server_machine": second}]
+    with RunRecorder(cfg, tmp_path, {"server_machine": first}, resume_after=1):  # from round 1 on: all on `first`
+        pass
+    assert json.loads((tmp_path / "config.json").read_text())["machine_history"] == [
+        {"from_round": 1, "server_machine": first}]
+
+
 def test_recorder_resume_keeps_checkpointed_rounds_and_drops_a_torn_line(tmp_path: Path) -> None:
     cfg = resolve({})
     rows = [{"round": r, "accuracy": r / 10, "tail_accuracy": 0.0, "round_seconds": 1.0,

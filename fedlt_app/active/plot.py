@@ -17,11 +17,11 @@ import itertools
 import json
 import statistics
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlt_app.report import plateau_round
+from fedlt_app.report import machines_lines, plateau_round
 
 REFERENCE = "fairfal"  # the method the paired differences are taken against
 METRICS = (("accuracy", "acc."), ("tail_accuracy", "tail"))  # metrics.jsonl key, column label
@@ -38,6 +38,7 @@ class Run:
     method: str
     seed: int
     rows: list[dict[str, Any]]
+    config: dict[str, Any] = field(default_factory=dict)  # config.json: where it computed, among the rest
 
 
 def completed(run_dir: Path) -> bool:
@@ -59,8 +60,8 @@ def read_run(run_dir: Path) -> Run:
     """One run with its seed, which pairs it with the other methods' runs of the same seed."""
     run_dir = Path(run_dir)
     method, rows = read_cycles(run_dir)
-    seed = int(json.loads((run_dir / "config.json").read_text())["run_config"]["seed"])
-    return Run(run_dir, method, seed, rows)
+    config = json.loads((run_dir / "config.json").read_text())
+    return Run(run_dir, method, int(config["run_config"]["seed"]), rows, config)
 
 
 def completed_runs(run_dirs: Sequence[Path]) -> list[Run]:
@@ -222,6 +223,7 @@ def comparison_table(run_dirs: Sequence[Path]) -> str:
     if plateaus:
         heading = "Convergence within each cycle (`al-cycle-curve`; last-10 mean moves < 1 point for 10 more rounds):"
         lines += ["", heading, "", *plateaus]
+    lines += ["", *machines_lines({run.path.name: run.config for runs in groups.values() for run in runs})]
     return "\n".join(lines)
 
 
