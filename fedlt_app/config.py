@@ -768,7 +768,7 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
     if values["secure_aggregation"] == "secagg":
         if values["method"] not in SECAGG_METHODS:
             why = ("its server needs each client's loss" if values["method"] == "climb"
-                   else "its server needs more than sums over the round's clients (not supported yet)")
+                   else "its server reads each client's model, where secure aggregation reveals only their sum")
             raise ConfigError(f"secure-aggregation: 'secagg' cannot run method={values['method']!r}: {why}; "
                               f"with secure-aggregation=secagg, method must be one of {', '.join(SECAGG_METHODS)}")
         if values["al_method"] != "none":

@@ -144,8 +144,13 @@ def test_keys_are_validated_and_methods_needing_per_client_values_refused() -> N
         resolve({"secure-aggregation": "on"})
     with pytest.raises(ConfigError, match=r"secure-aggregation: 'secagg' cannot run method='climb': .*each client's"):
         resolve({"secure-aggregation": "secagg", "method": "climb"})
-    with pytest.raises(ConfigError, match=r"method='fedloge': its server needs more than sums"):
-        resolve({"secure-aggregation": "secagg", "method": "fedloge"})
+    for method in ("fedic", "capt"):  # their servers read each client's model
+        with pytest.raises(ConfigError, match=rf"method='{method}': its server reads each client's model"):
+            resolve({"secure-aggregation": "secagg", "method": method, "fedic-server-data": "heldout",
+                     "clip-weights": "/weights/clip.pt"})
+    for method in ("fedloge", "fedyoyo", "rucr", "promptfl"):  # each has its secure path
+        assert resolve({"secure-aggregation": "secagg", "method": method, "clip-weights": "/weights/clip.pt"}
+                       ).method == method
     for method in ("redgrape", "grape-la", "creff"):  # their servers need per-class sums and holder counts
         assert resolve({"secure-aggregation": "secagg", "method": method}).method == method
     with pytest.raises(ConfigError, match="secagg-min-cohort"):
