@@ -328,13 +328,15 @@ class RUCRServer(ServerMethod):
                 return {}
             segments = means_segments(self.num_classes, self.dim)
             cohort_sums = summed(segments, (means_summands(p, self.num_classes, self.dim) for p in cohort))
-            everyone = summed(segments, (means_summands(p, self.num_classes, self.dim)
-                                         for p in self.statistics.values()))
+            everyone = None  # summed below, only in the rounds that rectify
         prototypes, counts = prototypes_from_sums(cohort_sums)
         if counts.sum() == 0:
             return {}
         payload = {PROTOTYPES: prototypes.astype(np.float32), CLASS_RATIO: counts / counts.sum()}
         if rectification_round(self.cfg, server_round):
+            if everyone is None:
+                everyone = summed(segments, (means_summands(p, self.num_classes, self.dim)
+                                             for p in self.statistics.values()))
             norm_means, held = norm_means_from_sums(everyone)
             payload |= {NORM_MEANS: norm_means.astype(np.float32), NORM_HOLDERS: held}
         return payload
