@@ -216,6 +216,15 @@ def test_compare_reports_completed_seeds_after_a_failed_run(tmp_path: Path, fake
     assert "Seeds per method: fairfal 1 (0); random 1 (0)." in (tmp_path / "p.md").read_text()
 
 
+def test_report_only_tables_the_runs_there_and_runs_nothing(tmp_path: Path, fake_launch: FakeLaunch) -> None:
+    write_run(tmp_path / "p-fairfal-seed0", "fairfal", 0, (0.6,) * 3)
+    write_run(tmp_path / "p-random-seed0", "random", 0, (0.5,) * 3, status="running")  # unfinished: left out
+    assert compare.main(["--preset", "p", "--out", str(tmp_path), "--methods", "fairfal", "random",
+                         "--report-only"]) == 0
+    assert fake_launch.calls == []
+    assert "Seeds per method: fairfal 1 (0)." in (tmp_path / "p.md").read_text()
+
+
 @pytest.mark.parametrize("run_config", ["seed=3", "local-epochs=2 seed=3"])
 def test_compare_refuses_a_seed_in_run_config(tmp_path: Path, fake_launch: FakeLaunch, run_config: str,
                                               capsys: pytest.CaptureFixture[str]) -> None:

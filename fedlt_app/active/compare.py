@@ -12,6 +12,8 @@ a comparison stopped midway has whole seeds to compare. Then writes
 ``<out>/<preset>.md`` (accuracy and tail accuracy per labeled ratio, mean ± std
 over seeds, paired differences against FairFAL) and ``<out>/<preset>.png`` from
 the completed runs of the seeds and methods asked for, also after a failed run.
+``--report-only`` writes only the table and PNG, from the runs already there (e.g. runs finished in another
+clone and copied into ``--out``), and runs nothing.
 """
 
 from __future__ import annotations
@@ -69,11 +71,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--run-config", default="", help="extra overrides for every run (not seed: use --seeds)")
     parser.add_argument("--methods", nargs="+", default=list(AL_METHODS), choices=AL_METHODS)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], metavar="K", help="seeds to run (default: 0)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="only (re)write the table and PNG from the completed runs in --out; run nothing")
     args = parser.parse_args(argv)
     if "seed" in override_keys(args.run_config):
         parser.error("--run-config sets seed; give the seeds with --seeds instead")
     out = args.out.resolve()
     runs = plan(args.preset, list(dict.fromkeys(args.methods)), list(dict.fromkeys(args.seeds)), out)
+    if args.report_only:
+        write_report(out, args.preset, [run_dir for _, _, run_dir in runs])
+        return 0
     for _, _, run_dir in runs:  # before any run, not hours in
         if run_dir.exists() and not completed(run_dir) and not (run_dir / CHECKPOINT_FILE).is_file():
             sys.exit(f"compare: {run_dir} holds an unfinished run without a checkpoint; remove it to rerun")
