@@ -1,0 +1,94 @@
+"""``python -m fedlt_app.collect``: which run folders of another clone reach this checkout, and with which files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fedlt_app import collect, sweep
+
+
+def write_run(folder: Path, records: int, status: str | None, checkpoint: bool = False, method: str = "random",
+              seed: int = 0) -> Path:
+    """A run folder as a FairFAL run or a sweep cell leaves it (records: its metrics.jsonl lines)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"run_config": {"al-method": method, "seed": seed}}))
+    rows = [{"cycle": i + 1, "target_ratio": 0.05 * (i + 1), "labeled_ratio": 0.05 * (i + 1),
+             "accuracy": 0.5 + 0.01 * i, "tail_accuracy": 0.3} for i in range(records)]
+    (folder / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    if status is not None:
+        (folder / "summary.json").write_text(json.dumps({"status": status}))
+        (folder / "curves.png").write_bytes(b"png")
+    if checkpoint:
+        (folder / "checkpoint.pt").write_bytes(f"state after {records}".encode())
+    if status == "completed":
+        (folder / "final_model.pt").write_bytes(b"model")
+    return folder
+
+
+def test_a_finished_run_comes_without_its_models_and_drops_the_checkpoint_left_for_it(tmp_path: Path) -> None:
+    source = write_run(tmp_path / "src" / "run", 9, "completed", checkpoint=True)
+    target = write_run(tmp_path / "dst" / "run", 6, None, checkpoint=True)  # committed mid-way by an earlier session
+    copied = collect.collect_run(source, target)
+    assert copied == collect.Collected(target, finished=True, records=9)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "curves.png", "metrics.jsonl", "summary.json"]
+    assert (target / "metrics.jsonl").read_text() == (source / "metrics.jsonl").read_text()
+
+
+def test_an_unfinished_run_comes_with_what_resuming_needs(tmp_path: Path) -> None:
+    source = write_run(tmp_path / "src" / "run", 7, "running", checkpoint=True)
+    target = tmp_path / "dst" / "run"
+    assert collect.collect_run(source, target) == collect.Collected(target, finished=False, records=7)
+    assert sorted(p.name for p in target.iterdir()) == ["checkpoint.pt", "config.json", "metrics.jsonl"]
+    assert (target / "checkpoint.pt").read_bytes() == b"state after 7"
+
+
+@pytest.mark.parametrize(("source_args", "target_args"), [
+    ((5, "running", False), None),  # unfinished without a checkpoint: nothing could continue it
+    ((5, None, True), (5, None, True)),  # as far along here already
+    ((5, None, True), (7, None, True)),  # further along here
+    ((9, "completed", False), (9, "completed", False)),  # finished here already
+])
+def test_runs_this_checkout_has_as_far_along_are_kept(tmp_path: Path, source_args: tuple, target_args: tuple | None
+                                                       ) -> None:
+    source = write_run(tmp_path / "src" / "run", *source_args)
+    target = tmp_path / "dst" / "run"
+    if target_args is not None:
+        write_run(target, *target_args)
+    before = {p.name: p.read_bytes() for p in target.iterdir()} if target.exists() else None
+    assert collect.collect_run(source, target) is None
+    assert ({p.name: p.read_bytes() for p in target.iterdir()} if target.exists() else None) == before
+
+
+def test_main_copies_and_rewrites_the_tables_the_runs_belong_to(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    fairfal = "results/fairfal"
+    write_run(src / fairfal / "p-fairfal-seed1", 3, "completed", method="fairfal", seed=1)
+    write_run(src / fairfal / "p-random-seed1", 2, None, checkpoint=True, seed=1)
+    write_run(dst / fairfal / "p-random-seed0", 3, "completed")  # committed before: stays in the table
+    cell = write_run(src / "results/conv/runs/fedavg__seed-0", 4, "completed")
+    (src / "results/conv/sweep.json").write_text(json.dumps({"source": "conf/sweeps/conv.yaml"}))
+    (dst / "results/conv").mkdir(parents=True)
+    (dst / "results/conv/sweep.json").write_text(json.dumps({"source": "conf/sweeps/conv.yaml"}))
+    sweeps: list[list[str]] = []
+    monkeypatch.setattr(sweep, "main", lambda argv: sweeps.append(argv) or 0)
+
+    assert collect.main([str(src), "--into", str(dst)]) == 0
+    assert (dst / "results/conv/runs" / cell.name / "summary.json").is_file()
+    assert sweeps == [[str(dst / "conf/sweeps/conv.yaml"), "--output", str(dst / "results"), "--report-only"]]
+    table = (dst / fairfal / "p.md").read_text()
+    assert "fairfal 1 (1)" in table and "random 1 (0)" in table  # the unfinished random seed 1 is not tabled
+    out = capsys.readouterr().out
+    assert "git add -f results/fairfal/p-random-seed1/checkpoint.pt" in out
+
+    sweeps.clear()  # a second collection finds nothing new
+    assert collect.main([str(src), "--into", str(dst)]) == 0
+    assert sweeps == [] and "nothing new" in capsys.readouterr().out
+
+
+def test_main_refuses_a_folder_without_results(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit):
+        collect.main([str(tmp_path), "--into", str(tmp_path / "elsewhere")])
