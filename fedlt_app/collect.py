@@ -15,7 +15,10 @@ a run is half done, so what the clone computed must reach the repository:
   ``metrics.jsonl`` and ``checkpoint.pt``, which ``.gitignore`` skips on purpose,
   so commit it with ``git add -f`` (the command is printed): ``fedlt-sweep`` and
   the FairFAL comparison then continue the run from it in a later session;
-- an unfinished run without a checkpoint is left out (nothing could continue it).
+- an unfinished run is left out, with the reason, when nothing could continue it:
+  it has no checkpoint, or its method keeps state on its clients (MOON's previous
+  models, Fed-GraB's controllers, FedLoGe's local heads), which a checkpoint
+  does not hold, so ``fedlt-sweep`` re-runs such a cell from round 1.
 
 A run already here with at least as many rounds (or cycles) is kept. Then the
 tables the copied runs belong to are rewritten: ``fedlt-sweep SPEC --report-only``
@@ -67,11 +70,25 @@ def run_folders(results: Path) -> list[Path]:
     return sorted(config.parent for config in results.rglob("config.json"))
 
 
+def not_continuable(run_dir: Path) -> str | None:
+    """Why an unfinished run could not be continued from what it left (None: it can)."""
+    if not (run_dir / "checkpoint.pt").is_file():
+        return "no checkpoint"
+    from fedlt_app.methods import keeps_client_state  # torch: only for unfinished runs
+
+    try:
+        method = json.loads((run_dir / "config.json").read_text())["run_config"].get("method")
+    except (OSError, ValueError, KeyError, AttributeError):
+        return "config.json unreadable"
+    if method and keeps_client_state(str(method)):
+        return f"{method} keeps state on its clients, which the checkpoint does not hold: it re-runs from round 1"
+    return None
+
+
 def collect_run(source: Path, target: Path, dry_run: bool = False) -> Collected | None:
-    """Copy one run folder if it holds something this checkout lacks (see the module docstring); None if not."""
+    """Copy one finished run, or one unfinished run that ``not_continuable`` passed, if it holds something this
+    checkout lacks (see the module docstring); None if not."""
     finished = _status(source) == "completed"
-    if not finished and not (source / "checkpoint.pt").is_file():
-        return None
     if target.is_dir():  # kept if finished here, or as far along as the source's unfinished run
         if _status(target) == "completed" or (not finished and _records(target) >= _records(source)):
             return None
@@ -127,8 +144,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{source} has no results/ folder")
     if source == root:
         parser.error("source and --into are the same checkout")
-    copied = [c for run in run_folders(source / "results")
-              if (c := collect_run(run, root / run.relative_to(source), args.dry_run)) is not None]
+    copied = []
+    for run in run_folders(source / "results"):
+        if _status(run) != "completed" and (reason := not_continuable(run)):
+            print(f"collect: left out {run.relative_to(source)} (unfinished: {reason})")
+            continue
+        if (c := collect_run(run, root / run.relative_to(source), args.dry_run)) is not None:
+            copied.append(c)
     for c in copied:
         state = "finished" if c.finished else f"unfinished: {c.records} records and its checkpoint"
         print(f"collect: {c.run.relative_to(root)} ({state})")

@@ -45,8 +45,18 @@ def test_an_unfinished_run_comes_with_what_resuming_needs(tmp_path: Path) -> Non
     assert (target / "checkpoint.pt").read_bytes() == b"state after 7"
 
 
+def test_unfinished_runs_that_nothing_could_continue_are_named(tmp_path: Path) -> None:
+    assert collect.not_continuable(write_run(tmp_path / "a", 5, "running")) == "no checkpoint"
+    assert collect.not_continuable(write_run(tmp_path / "b", 5, None, checkpoint=True)) is None
+    moon = write_run(tmp_path / "c", 5, None, checkpoint=True)
+    (moon / "config.json").write_text(json.dumps({"run_config": {"method": "moon"}}))
+    assert "moon keeps state on its clients" in collect.not_continuable(moon)
+    fedavg = write_run(tmp_path / "d", 5, None, checkpoint=True)
+    (fedavg / "config.json").write_text(json.dumps({"run_config": {"method": "fedavg"}}))
+    assert collect.not_continuable(fedavg) is None
+
+
 @pytest.mark.parametrize(("source_args", "target_args"), [
-    ((5, "running", False), None),  # unfinished without a checkpoint: nothing could continue it
     ((5, None, True), (5, None, True)),  # as far along here already
     ((5, None, True), (7, None, True)),  # further along here
     ((9, "completed", False), (9, "completed", False)),  # finished here already
@@ -69,6 +79,7 @@ def test_main_copies_and_rewrites_the_tables_the_runs_belong_to(tmp_path: Path, 
     write_run(src / fairfal / "p-fairfal-seed1", 3, "completed", method="fairfal", seed=1)
     write_run(src / fairfal / "p-random-seed1", 2, None, checkpoint=True, seed=1)
     write_run(dst / fairfal / "p-random-seed0", 3, "completed")  # committed before: stays in the table
+    write_run(src / fairfal / "p-entropy-seed1", 1, "running")  # no checkpoint: left out, said so
     cell = write_run(src / "results/conv/runs/fedavg__seed-0", 4, "completed")
     (src / "results/conv/sweep.json").write_text(json.dumps({"source": "conf/sweeps/conv.yaml"}))
     (dst / "results/conv").mkdir(parents=True)
@@ -83,10 +94,12 @@ def test_main_copies_and_rewrites_the_tables_the_runs_belong_to(tmp_path: Path, 
     assert "fairfal 1 (1)" in table and "random 1 (0)" in table  # the unfinished random seed 1 is not tabled
     out = capsys.readouterr().out
     assert "git add -f results/fairfal/p-random-seed1/checkpoint.pt" in out
+    assert "left out results/fairfal/p-entropy-seed1 (unfinished: no checkpoint)" in out
+    assert not (dst / fairfal / "p-entropy-seed1").exists()
 
     sweeps.clear()  # a second collection finds nothing new
     assert collect.main([str(src), "--into", str(dst)]) == 0
-    assert sweeps == [] and "nothing new" in capsys.readouterr().out
+    assert sweeps == [] and "collect: nothing new" in capsys.readouterr().out
 
 
 def test_main_refuses_a_folder_without_results(tmp_path: Path) -> None:
