@@ -253,3 +253,28 @@ def test_table_says_where_each_run_computed(tmp_path: Path) -> None:
     assert "- AMD EPYC (AVX2), torch 2.14.1: 2 run(s): `fairfal-seed0`, `random-seed0`" in table
     assert ("- AMD EPYC (AVX2), torch 2.14.1 from round 1; AMD EPYC (AVX512), torch 2.14.1 from round 3: "
             "1 run(s): `fairfal-seed2`") in table
+
+
+def test_notebook_renders_a_comparison(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for method, seeds in ACC.items():
+        for seed, accuracies in seeds.items():
+            write_run(tmp_path / f"p-{method}-seed{seed}", method, seed, accuracies)
+    write_run(tmp_path / "p-entropy-seed0", "entropy", 0, (0.9,) * 3, status=None)  # unfinished: left out
+    write_run(tmp_path / "q-entropy-seed0", "entropy", 0, (0.9,) * 3)  # another preset's
+    plot_curves([tmp_path / "p-fairfal-seed0"], tmp_path / "p-fairfal-seed0" / "per_class.png")  # any PNG
+    notebook = Path(__file__).resolve().parent.parent / "notebooks" / "fairfal_comparison.ipynb"
+    nb = nbformat.read(notebook, as_version=4)
+    monkeypatch.setenv("FEDLT_AL_RESULTS", str(tmp_path))
+    monkeypatch.setenv("FEDLT_AL_PRESET", "p")
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(notebook.parent)}}).execute()
+    outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
+    assert not [o for o in outputs if o.output_type == "error"]
+    text = "".join(o.get("text", "") for o in outputs)
+    assert "p: 5/6 runs completed" in text and "p-entropy-seed0: unfinished (left out)" in text
+    markdown = "".join(o.get("data", {}).get("text/markdown", "") for o in outputs)
+    assert "Seeds per method: fairfal 3 (0, 1, 2); random 2 (0, 1)." in markdown
+    assert f"| 0.05 | {spread([50.0, 60.0, 55.0])} |" in markdown
+    assert len([o for o in outputs if "image/png" in o.get("data", {})]) == 2  # the curves, one per-class picture
