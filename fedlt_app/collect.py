@@ -36,6 +36,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from fedlt_app.run_folder import run_status
+
 MODEL_FILES = ("checkpoint.pt", "checkpoint.tmp", "final_model.pt", "final_model.tmp")
 RESUME_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
 AL_RUN = re.compile(r"^(?P<preset>.+)-(?P<method>fairfal|random|entropy)-seed(?P<seed>\d+)$")
@@ -48,13 +50,6 @@ class Collected:
     run: Path  # in this checkout
     finished: bool
     records: int  # rounds or cycles in its metrics.jsonl
-
-
-def _status(run_dir: Path) -> str | None:
-    try:
-        return json.loads((run_dir / "summary.json").read_text()).get("status")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _records(run_dir: Path) -> int:
@@ -88,9 +83,9 @@ def not_continuable(run_dir: Path) -> str | None:
 def collect_run(source: Path, target: Path, dry_run: bool = False) -> Collected | None:
     """Copy one finished run, or one unfinished run that ``not_continuable`` passed, if it holds something this
     checkout lacks (see the module docstring); None if not."""
-    finished = _status(source) == "completed"
+    finished = run_status(source) == "completed"
     if target.is_dir():  # kept if finished here, or as far along as the source's unfinished run
-        if _status(target) == "completed" or (not finished and _records(target) >= _records(source)):
+        if run_status(target) == "completed" or (not finished and _records(target) >= _records(source)):
             return None
     if dry_run:
         return Collected(target, finished, _records(source))
@@ -146,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("source and --into are the same checkout")
     copied = []
     for run in run_folders(source / "results"):
-        if _status(run) != "completed" and (reason := not_continuable(run)):
+        if run_status(run) != "completed" and (reason := not_continuable(run)):
             print(f"collect: left out {run.relative_to(source)} (unfinished: {reason})")
             continue
         if (c := collect_run(run, root / run.relative_to(source), args.dry_run)) is not None:

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlt_app.results import LAST_ROUNDS
+from fedlt_app.run_folder import run_status
 from fedlt_app.run_plots import VALUE_NAMES, _figure, read_rounds
 
 DDOF = 1  # std over seeds: the sample standard deviation (n - 1); one seed shows no ±
@@ -102,14 +103,6 @@ def attempts(runs_dir: Path, name: str) -> list[Path]:
         return []
     found = [p for p in runs_dir.iterdir() if p.is_dir() and retry_index(p.name, name) >= 0]
     return sorted(found, key=lambda p: retry_index(p.name, name))
-
-
-def run_status(run_dir: Path) -> str | None:
-    """``summary.json``'s status (``completed``, ``failed``), or None while absent or unreadable."""
-    try:
-        return str(json.loads((run_dir / "summary.json").read_text())["status"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
 
 
 def completed_attempt(runs_dir: Path, name: str) -> Path | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlt_app.report import machines_lines, plateau_round
+from fedlt_app.run_folder import completed
 
 REFERENCE = "fairfal"  # the method the paired differences are taken against
 METRICS = (("accuracy", "acc."), ("tail_accuracy", "tail"))  # metrics.jsonl key, column label
@@ -39,14 +40,6 @@ class Run:
     seed: int
     rows: list[dict[str, Any]]
     config: dict[str, Any] = field(default_factory=dict)  # config.json: where it computed, among the rest
-
-
-def completed(run_dir: Path) -> bool:
-    """Whether the run finished; an unfinished one's cycles are a partial curve that would bias a mean."""
-    try:
-        return json.loads((Path(run_dir) / "summary.json").read_text())["status"] == "completed"
-    except (OSError, ValueError, KeyError, TypeError):
-        return False
 
 
 def read_cycles(run_dir: Path) -> tuple[str, list[dict[str, Any]]]:
