@@ -36,7 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedlt_app.run_folder import run_status
+from fedlt_app.run_folder import completed
 
 MODEL_FILES = ("checkpoint.pt", "checkpoint.tmp", "final_model.pt", "final_model.tmp")
 RESUME_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
@@ -83,9 +83,9 @@ def not_continuable(run_dir: Path) -> str | None:
 def collect_run(source: Path, target: Path, dry_run: bool = False) -> Collected | None:
     """Copy one finished run, or one unfinished run that ``not_continuable`` passed, if it holds something this
     checkout lacks (see the module docstring); None if not."""
-    finished = run_status(source) == "completed"
+    finished = completed(source)
     if target.is_dir():  # kept if finished here, or as far along as the source's unfinished run
-        if run_status(target) == "completed" or (not finished and _records(target) >= _records(source)):
+        if completed(target) or (not finished and _records(target) >= _records(source)):
             return None
     if dry_run:
         return Collected(target, finished, _records(source))
@@ -141,7 +141,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error("source and --into are the same checkout")
     copied = []
     for run in run_folders(source / "results"):
-        if run_status(run) != "completed" and (reason := not_continuable(run)):
+        if not completed(run) and (reason := not_continuable(run)):
             print(f"collect: left out {run.relative_to(source)} (unfinished: {reason})")
             continue
         if (c := collect_run(run, root / run.relative_to(source), args.dry_run)) is not None:

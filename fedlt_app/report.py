@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlt_app.results import LAST_ROUNDS
-from fedlt_app.run_folder import run_status
+from fedlt_app.run_folder import completed, run_status
 from fedlt_app.run_plots import VALUE_NAMES, _figure, read_rounds
 
 DDOF = 1  # std over seeds: the sample standard deviation (n - 1); one seed shows no ±
@@ -106,7 +106,7 @@ def attempts(runs_dir: Path, name: str) -> list[Path]:
 
 
 def completed_attempt(runs_dir: Path, name: str) -> Path | None:
-    done = [p for p in attempts(runs_dir, name) if run_status(p) == "completed"]
+    done = [p for p in attempts(runs_dir, name) if completed(p)]
     return done[-1] if done else None
 
 
