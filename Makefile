@@ -1,5 +1,5 @@
 # The two commands of the README. Each installs what it needs first.
-.PHONY: setup run test
+.PHONY: setup run lint test
 RUN_CONFIG ?=
 NUM_CLIENTS ?= 10
 
@@ -9,5 +9,8 @@ setup:
 run: setup
 	.venv/bin/fedlt-run --num-clients $(NUM_CLIENTS) --run-config "$(RUN_CONFIG)"
 
-test: setup
+lint: setup
+	.venv/bin/ruff check .
+
+test: lint
 	.venv/bin/python -m pytest -q

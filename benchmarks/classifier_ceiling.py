@@ -147,12 +147,14 @@ def markdown(reports: list[dict]) -> str:
               "`benchmarks/classifier_ceiling.py` explains each probe."), "",
              "| run | round | " + " | ".join(PROBES) + " |", "|---|---|" + "---|" * len(PROBES)]
     for r in reports:
-        cells = [f"{100 * r['probes'][p]['accuracy']:.2f} / {100 * r['probes'][p]['tail_accuracy']:.2f}" for p in PROBES]
+        probes = [r["probes"][p] for p in PROBES]
+        cells = [f"{100 * probe['accuracy']:.2f} / {100 * probe['tail_accuracy']:.2f}" for probe in probes]
         lines.append(f"| {r['run']} | {r['round']} | " + " | ".join(cells) + " |")
     lines += ["", "Per-class accuracy (%), classes 0-9:", ""]
     for r in reports:
         for p in PROBES:
-            lines.append(f"- {r['run']}, {p}: " + " ".join(f"{100 * a:.1f}" for a in r["probes"][p]["per_class_accuracy"]))
+            per_class = r["probes"][p]["per_class_accuracy"]
+            lines.append(f"- {r['run']}, {p}: " + " ".join(f"{100 * a:.1f}" for a in per_class))
     return "\n".join(lines) + "\n"
 
 

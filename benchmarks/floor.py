@@ -71,13 +71,11 @@ def per_sample_flops(cfg: RunConfig, channels: int, side: int, num_classes: int)
     x = torch.randn(batch, channels, side, side)
     y = torch.randint(0, num_classes, (batch,))
     counts = {}
-    with FlopCounterMode(display=False) as counter:
-        with torch.no_grad():
-            model(x)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x)
     counts["forward"] = counter.get_total_flops() / batch
-    with FlopCounterMode(display=False) as counter:
-        with torch.no_grad():
-            model.encoder(x)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.encoder(x)
     counts["encoder_forward"] = counter.get_total_flops() / batch
     with FlopCounterMode(display=False) as counter:
         F.cross_entropy(model(x), y).backward()

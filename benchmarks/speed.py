@@ -31,6 +31,7 @@ and keeps the others from the existing speed.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -47,12 +48,12 @@ import psutil
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import floor  # noqa: E402
-import plain_loop  # noqa: E402
+import floor
+import plain_loop
 
-from fedlt_app.precision import cpu_has_native_bf16  # noqa: E402
-from fedlt_app.secagg.grid import run_round  # noqa: E402
-from fedlt_app.secagg.messages import default_threshold  # noqa: E402
+from fedlt_app.precision import cpu_has_native_bf16
+from fedlt_app.secagg.grid import run_round
+from fedlt_app.secagg.messages import default_threshold
 
 PRECISIONS = ("fp32", "bf16")
 
@@ -75,10 +76,8 @@ class PeakMemory:
                 procs = [root, *root.children(recursive=True)]
                 total = 0
                 for proc in procs:
-                    try:
+                    with contextlib.suppress(psutil.Error):  # a child that exited meanwhile
                         total += proc.memory_info().rss
-                    except psutil.Error:
-                        pass
                 self.peak = max(self.peak, total)
             except psutil.Error:
                 pass

@@ -34,8 +34,9 @@ FINAL_MODEL_FILE = "final_model.pt"
 _OPTIMIZER_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
 # Keys that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = frozenset(
-    {"resume-from", "run-name", "output-dir", "num-server-rounds", "checkpoint-every", "round-timeout", "max-failure-fraction",
-     "wandb-mode", "wandb-project", "device", "debug-fail-partitions", "debug-hang-partitions", "pictures"}
+    {"resume-from", "run-name", "output-dir", "num-server-rounds", "checkpoint-every", "round-timeout",
+     "max-failure-fraction", "wandb-mode", "wandb-project", "device", "debug-fail-partitions",
+     "debug-hang-partitions", "pictures"}
 )
 
 

@@ -84,9 +84,9 @@ def collect_run(source: Path, target: Path, dry_run: bool = False) -> Collected 
     """Copy one finished run, or one unfinished run that ``not_continuable`` passed, if it holds something this
     checkout lacks (see the module docstring); None if not."""
     finished = completed(source)
-    if target.is_dir():  # kept if finished here, or as far along as the source's unfinished run
-        if completed(target) or (not finished and _records(target) >= _records(source)):
-            return None
+    # kept if finished here, or as far along as the source's unfinished run
+    if target.is_dir() and (completed(target) or (not finished and _records(target) >= _records(source))):
+        return None
     if dry_run:
         return Collected(target, finished, _records(source))
     target.mkdir(parents=True, exist_ok=True)

@@ -32,7 +32,8 @@ METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss"
 SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "redgrape", "grape-la", "creff",
                   "fedetf", "fednh", "fedgrab", "moon", "ccvr", "rucr", "fedyoyo", "fedloge", "zero-shot-clip",
                   "promptfl", "clip2fl")
-CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")  # need the clip extra and clip-weights (fedlt_app/clip)
+# need the clip extra and clip-weights (fedlt_app/clip)
+CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
 AL_METHODS = ("fairfal", "random", "entropy")  # active learning (fedlt_app/active)
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")  # see fedlt_app/precision.py
@@ -139,7 +140,8 @@ SCHEMA: tuple[Option, ...] = (
         "dir-balance: FairFAL's equal-size clients with Dir(alpha) label mixes",
         one_of("dirichlet", "dirichlet-per-class", "iid", "writers", "dir-balance"),
     ),
-    Option("dirichlet-alpha", float, 1.0, "Dirichlet concentration (smaller = more non-iid)", at_least(0.0, strict=True)),
+    Option("dirichlet-alpha", float, 1.0, "Dirichlet concentration (smaller = more non-iid)",
+           at_least(0.0, strict=True)),
     Option("model", str, "cnn", "network", one_of("cnn", "cnn-mcmahan", "resnet56", "cnn4conv")),
     Option("num-server-rounds", int, 15, "federated rounds", at_least(1)),
     Option("clients-per-round", int, 0, "clients sampled per round (0 = all)", at_least(0)),
@@ -201,7 +203,8 @@ SCHEMA: tuple[Option, ...] = (
     Option("climb-dual-lr", float, 2.0, "CLIMB's dual step size eta_D", at_least(0.0, strict=True)),
     Option("creff-features-per-class", int, 100, "CReFF: federated features per class", at_least(1)),
     Option("creff-match-steps", int, 100, "CReFF: feature-matching steps per round", at_least(1)),
-    Option("creff-feature-lr", float, 0.1, "CReFF: learning rate of the federated features", at_least(0.0, strict=True)),
+    Option("creff-feature-lr", float, 0.1, "CReFF: learning rate of the federated features",
+           at_least(0.0, strict=True)),
     Option("creff-retrain-epochs", int, 300, "CReFF: classifier re-training epochs (batch 32, at creff-retrain-lr)",
            at_least(1)),
     Option("creff-retrain-lr", float, 0.01, "CReFF: learning rate of the classifier re-training (official lr_net)",
@@ -390,7 +393,8 @@ SCHEMA: tuple[Option, ...] = (
            at_least(0.0, strict=True)),
     Option("round-timeout", float, 3600.0, "seconds to wait for a round's replies; late clients count as failed",
            at_least(0.0, strict=True)),
-    Option("max-failure-fraction", float, 0.5, "stop the run when more of a round's clients fail", in_range(0.0, 1.0001)),
+    Option("max-failure-fraction", float, 0.5, "stop the run when more of a round's clients fail",
+           in_range(0.0, 1.0001)),
     Option("secure-aggregation", str, "off",
            "secagg: the server sees only masked sums of the clients' updates (README 'Secure aggregation'); "
            "off: plain updates", one_of("off", "secagg")),
@@ -777,10 +781,9 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
             raise ConfigError(f"clients-per-round: method='rucr' with secure-aggregation='secagg' needs every client "
                               f"in every round (clients-per-round=0; got {values['clients_per_round']}): its "
                               "prototypes are the cohort's class means, and the masked sums run over all clients")
-    if values["al_method"] != "none":
-        if round(values["al_query_ratio"], 2) > values["al_end_ratio"]:
-            raise ConfigError(
-                f"al-end-ratio: {values['al_end_ratio']} is below the first labeled ratio "
-                f"al-query-ratio={values['al_query_ratio']}; no cycle would run"
-            )
+    if values["al_method"] != "none" and round(values["al_query_ratio"], 2) > values["al_end_ratio"]:
+        raise ConfigError(
+            f"al-end-ratio: {values['al_end_ratio']} is below the first labeled ratio "
+            f"al-query-ratio={values['al_query_ratio']}; no cycle would run"
+        )
     return RunConfig(**values)

@@ -14,6 +14,7 @@ always stopped afterwards.  The run config is validated before anything starts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -84,10 +85,8 @@ def _stop(superlink: subprocess.Popen, home: Path) -> None:
     except (ProcessLookupError, subprocess.TimeoutExpired):
         pass
     for pid in _processes_of(home):
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
 
 
 def _run_status(run_id: int, env: dict[str, str]) -> str:
@@ -162,7 +161,8 @@ def run(
     try:
         _wait_healthy(port, superlink, log_path)
         federation = f"num-supernodes={num_clients} client-resources-num-cpus={cpus} client-resources-num-gpus={gpus}"
-        command = [_flwr("flwr"), "run", str(app_dir), CONNECTION, "--format", "json", "--federation-config", federation]
+        command = [_flwr("flwr"), "run", str(app_dir), CONNECTION, "--format", "json",
+                   "--federation-config", federation]
         if run_config:
             command += ["--run-config", run_config]
         submitted = subprocess.run(command, capture_output=True, text=True, env=env, cwd=app_dir, check=False)
@@ -179,10 +179,8 @@ def run(
         deadline = time.monotonic() + timeout
         status = "unknown"
         while time.monotonic() < deadline:
-            try:
+            with contextlib.suppress(subprocess.TimeoutExpired):
                 streamer.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                pass
             status = _run_status(run_id, env)
             if status.startswith("finished"):
                 break

@@ -14,7 +14,6 @@ from fedlt_app.data import to_float
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import FP32, Precision
 
-
 # The usual long-tail split by training samples per class (Liu et al., 2019).
 MANY_SHOT_ABOVE = 100
 FEW_SHOT_BELOW = 20

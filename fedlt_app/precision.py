@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from fedlt_app.config import PRECISIONS, ConfigError
+
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # /proc/cpuinfo flags that mean native bfloat16 dot products.
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")

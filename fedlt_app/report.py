@@ -363,7 +363,8 @@ def paired_stat(res: SweepResults, row: Sequence[str], column: Sequence[str], me
         other = partner(res, cell, key, reference)
         if other is None or cell["name"] not in res.runs or other["name"] not in res.runs:
             continue
-        mine, theirs = last_mean(res.runs[cell["name"]].rounds, metric), last_mean(res.runs[other["name"]].rounds, metric)
+        mine = last_mean(res.runs[cell["name"]].rounds, metric)
+        theirs = last_mean(res.runs[other["name"]].rounds, metric)
         if mine is not None and theirs is not None:
             diffs.append(mine - theirs)
     mean, std = mean_std(diffs)

@@ -150,7 +150,7 @@ def average_buffers(arrays: ArrayRecord, replies: list[Message]) -> None:
     """
     weights = np.array([float(r.content["metrics"]["num-examples"]) for r in replies], dtype=np.float64)
     weights /= weights.sum()
-    for key in [k for k in arrays.keys() if is_buffer(k)]:
+    for key in [k for k in arrays if is_buffer(k)]:
         stacked = [r.content["arrays"][key].numpy() for r in replies]
         mean = sum(w * x.astype(np.float64) for w, x in zip(weights, stacked, strict=True))
         arrays[key] = Array(np.asarray(mean).astype(stacked[0].dtype if stacked[0].dtype.kind == "f" else np.float64))

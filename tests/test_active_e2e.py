@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from in_process import run_in_process
 
 from fedlt_app.active import driver

@@ -116,10 +116,11 @@ class _StubFederation:
 
 @pytest.mark.parametrize("freeze", [True, False])
 def test_r_bar_is_frozen_after_the_first_query_when_asked(freeze: bool) -> None:
+    from flwr.app import ArrayRecord
+
     from fedlt_app.active.budget import budget_plan
     from fedlt_app.active.driver import _query
     from fedlt_app.config import resolve
-    from flwr.app import ArrayRecord
 
     cfg = resolve({"al-method": "fairfal", "fairfal-freeze-global-ratio": freeze})
     plan = budget_plan(1000, 2, 0.05, 0.45)

@@ -17,15 +17,15 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 from torch.nn import functional as F
 
+from fedlt_app import train as train_module
 from fedlt_app.config import CLIP_METHODS, METHOD_NAMES, ConfigError, resolve
 from fedlt_app.data import FederatedData, ImageDataset
 from fedlt_app.methods import METHODS, ClientMethod, ClientReport, ServerMethod, get_method
-from fedlt_app.methods.loss.climb import ClimbClient, ClimbServer
 from fedlt_app.methods.decoupled.creff import CReFFClient, CReFFServer, class_gradient, rowwise_cosine_distance
+from fedlt_app.methods.loss.climb import ClimbClient, ClimbServer
 from fedlt_app.methods.loss.focal import FocalClient, focal_loss
 from fedlt_app.methods.loss.ratio_loss import (
     RatioLossClient,
@@ -38,7 +38,6 @@ from fedlt_app.models import EncoderClassifier, build_model
 from fedlt_app.precision import FP32
 from fedlt_app.records import payload_to_record, record_to_payload
 from fedlt_app.strategy import METHOD_KEY, FedLTStrategy, server_optimizer
-from fedlt_app import train as train_module
 from fedlt_app.train import LocalTraining, proximal_term, train_locally
 
 C, D = 3, 4  # classes; pixels of a (1, 1, D) image = feature width of the linear toy model
@@ -345,13 +344,6 @@ def _reply(node_id: int, arrays: dict[str, np.ndarray], num_examples: int, paylo
     })
     return Message(content=content, metadata=_metadata(node_id))
 
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Instruction Messages (built by FedAvg.configure_train) read the run's identity."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def climb_strategy(num_clients: int, clients_per_round: int) -> tuple[FedLTStrategy, EncoderClassifier, Mock]:

@@ -12,9 +12,11 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from app_runs import metrics_rows
+from in_process import run_in_process
+from test_clip import EMBED, IMAGE, build, clip_config
 from torch.nn import functional as F
 
-from app_runs import metrics_rows
 from fedlt_app.clip.classnames import CLASS_NAMES
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods import ClientReport
@@ -41,8 +43,6 @@ from fedlt_app.methods.vision_language.capt import (
 )
 from fedlt_app.records import content_nbytes
 from fedlt_app.train import LocalTraining, train_locally
-from in_process import run_in_process
-from test_clip import EMBED, IMAGE, build, clip_config, tiny_clip  # noqa: F401 - tiny_clip is a fixture
 
 KEYS = ["prompts.general", "prompts.class_aware", "prompts.coupling.weight", "prompts.coupling.bias"]
 VISION_WIDTH = 64  # the tiny CLIP's vision width (D_v)
@@ -379,7 +379,8 @@ def test_bandit_reward_comes_from_the_clients_hits_not_test_labels() -> None:
 
 def test_without_histograms_the_server_averages_everything() -> None:
     server = capt_server(**{"capt-share-histogram": False})
-    reports = [ClientReport(k, r.num_examples, {}, r.model) for k, r in enumerate(reports_for(constructed_federation(), 2))]
+    replies = reports_for(constructed_federation(), 2)
+    reports = [ClientReport(k, r.num_examples, {}, r.model) for k, r in enumerate(replies)]
     server.absorb(1, reports)
     n = np.array([r.num_examples for r in reports], dtype=np.float64)
     a = np.stack([r.model[CLASS_AWARE] for r in reports]).astype(np.float64)

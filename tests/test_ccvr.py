@@ -16,6 +16,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from in_process import record_calls, run_in_process, run_off_and_secagg
+from test_baselines import C, D, features_of, federated, images_labels, linear_model
 from torch.nn import functional as F
 
 from fedlt_app.checkpoint import load_checkpoint
@@ -35,8 +37,6 @@ from fedlt_app.methods.decoupled.ccvr import (
 from fedlt_app.metrics import evaluate
 from fedlt_app.precision import FP32
 from fedlt_app.task import trained_model
-from in_process import record_calls, run_in_process, run_off_and_secagg
-from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
 def ccvr_config(**overrides):  # type: ignore[no-untyped-def]

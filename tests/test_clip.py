@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, RecordDict
+from in_process import run_in_process, run_off_and_secagg
 from torch.nn import functional as F
 
 from fedlt_app.clip.backbone import CLIP_MEAN, CLIP_STD, CLIPUnavailable, load_clip, require_open_clip
@@ -28,7 +29,6 @@ from fedlt_app.data import to_float
 from fedlt_app.methods import ClientMethod
 from fedlt_app.records import content_nbytes
 from fedlt_app.train import LocalTraining, train_locally
-from in_process import run_in_process, run_off_and_secagg
 
 SKIP_REASON = 'open_clip is absent: the CLIP methods need the optional extra (pip install -e ".[clip]")'
 EMBED = 64  # text width = joint width of the tiny CLIP
@@ -51,12 +51,6 @@ def make_tiny_clip(directory: Path, embed: int = EMBED) -> tuple[torch.nn.Module
     path = directory / "tiny-openai.pt"
     torch.save(model.state_dict(), path)
     return model, path
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory: pytest.TempPathFactory) -> tuple[torch.nn.Module, Path]:
-    """(the in-memory tiny CLIP, the OpenAI-format file it was saved to)."""
-    return make_tiny_clip(tmp_path_factory.mktemp("clip"))
 
 
 def clip_config(method: str, weights: Path, **extra: object) -> object:

@@ -11,9 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from app_runs import metrics_rows
+from in_process import run_in_process, run_off_and_secagg
+from test_clip import IMAGE, clip_config, make_tiny_clip
 from torch.nn import functional as F
 
-from app_runs import metrics_rows
+from fedlt_app.clip.backbone import CLIP_MEAN, CLIP_STD
 from fedlt_app.clip.classnames import CLASS_NAMES
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods.vision_language.clip2fl import (
@@ -23,9 +26,6 @@ from fedlt_app.methods.vision_language.clip2fl import (
     text_contrastive_loss,
 )
 from fedlt_app.models import build_model
-from fedlt_app.clip.backbone import CLIP_MEAN, CLIP_STD
-from in_process import run_in_process, run_off_and_secagg
-from test_clip import IMAGE, clip_config, make_tiny_clip
 
 CNN_WIDTH = 128  # the cnn's feature width: the tiny CLIP here is as wide, so the text-guided term applies
 

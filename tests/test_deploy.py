@@ -7,6 +7,7 @@ that, and kill any they find so that a failing test leaves nothing behind.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -52,10 +53,8 @@ def processes_of(work: Path) -> dict[int, str]:
 
 def kill_all(work: Path) -> None:
     for pid in processes_of(work):
-        try:
+        with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
-        except OSError:
-            pass
 
 
 @dataclass
@@ -68,7 +67,8 @@ class Deployment:
     survivors: dict[int, str]
 
     def explain(self) -> str:
-        return f"exit {self.code} after {self.seconds:.0f} s\n--- stdout ---\n{self.out[-4000:]}\n--- stderr ---\n{self.err[-4000:]}"
+        return (f"exit {self.code} after {self.seconds:.0f} s\n--- stdout ---\n{self.out[-4000:]}\n"
+                f"--- stderr ---\n{self.err[-4000:]}")
 
 
 def deploy(work: Path, *args: str) -> Deployment:

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
-
 from app_runs import kill_after_checkpoint, run_app, without_timing
 from app_runs import metrics_rows as rows
+
 from fedlt_app import launch
 
 ROOT = Path(__file__).resolve().parent.parent

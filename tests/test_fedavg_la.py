@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from in_process import run_in_process
+from test_secagg_e2e import secure_rows
 from torch import nn
 
 from fedlt_app.config import resolve
@@ -17,8 +19,6 @@ from fedlt_app.methods.class_prior import COUNTS_KEY, PRIOR_KEY
 from fedlt_app.methods.loss.fedavg_la import FedAvgLAClient, FedAvgLAServer
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.train import LocalTraining, train_locally
-from in_process import run_in_process
-from test_secagg_e2e import secure_rows
 
 NUM_CLASSES = 4
 

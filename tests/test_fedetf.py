@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+from in_process import run_in_process
 from torch import Tensor, nn
 
 from fedlt_app import client_app
@@ -34,7 +35,6 @@ from fedlt_app.records import content_parameters
 from fedlt_app.strategy import RoundLog
 from fedlt_app.task import federated_data, initial_model
 from fedlt_app.train import LocalTraining, train_locally
-from in_process import run_in_process
 
 C, D = 4, 6  # classes; pixels of a (1, 1, D) image = the toy backbone's feature width
 

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from in_process import run_in_process
 from torch import nn
 
 from fedlt_app.config import resolve
@@ -24,14 +25,13 @@ from fedlt_app.methods.loss.fedgrab import (
     FedGraBClient,
     FedGraBServer,
     balance_weight,
-    draw_exemptions,
     dpa_prior,
+    draw_exemptions,
     exemption_probabilities,
     pid_step,
     shot_split,
 )
 from fedlt_app.models import EncoderClassifier
-from in_process import run_in_process
 
 C, D = 3, 4
 GAINS = (10.0, 0.01, 0.1)  # the official PID's Kp, Ki, Kd

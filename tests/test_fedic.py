@@ -16,12 +16,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from in_process import run_in_process
+from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods.base import ClientReport
 from fedlt_app.methods.distillation.fedic import CalibratedEnsemble, FedICServer, server_split, weighted_average
-from in_process import run_in_process
-from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
 def fedic_config(**overrides):  # type: ignore[no-untyped-def]

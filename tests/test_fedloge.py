@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from in_process import run_in_process, run_off_and_secagg
 from torch import nn
 
 from fedlt_app import client_app
@@ -40,7 +41,6 @@ from fedlt_app.models import EncoderClassifier, build_model
 from fedlt_app.records import CLIENT_STATE_KEY, content_parameters, load_client_state
 from fedlt_app.task import federated_data, initial_model
 from fedlt_app.train import LocalTraining, train_locally
-from in_process import run_in_process, run_off_and_secagg
 
 C, P, D = 4, 6, 5  # classes; pixels of a (1, 1, P) image; the toy backbone's feature width
 STEPS = 300  # SSE-C optimisation steps in the unit tests (the default 10000 is the official)

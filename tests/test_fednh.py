@@ -15,6 +15,8 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord
+from in_process import run_in_process
+from test_baselines import _reply
 from torch import nn
 
 from fedlt_app.config import resolve
@@ -35,8 +37,6 @@ from fedlt_app.methods.fixed_classifier.fednh import (
 from fedlt_app.models import EncoderClassifier, build_model
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
 from fedlt_app.train import LocalTraining, train_locally
-from in_process import run_in_process
-from test_baselines import _reply, task_identity  # noqa: F401  (a fixture, used by name)
 
 C, D = 3, 4
 

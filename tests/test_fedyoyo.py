@@ -164,7 +164,7 @@ def test_strong_view_draws_only_from_its_generator() -> None:
     other = strong_view(images, "fmnist", torch.Generator().manual_seed(6))
     assert first.shape == (8, 1, 28, 28) and first.dtype == torch.float32
     assert torch.equal(first, again) and not torch.equal(first, other)
-    assert 0.0 <= float(first.min()) and float(first.max()) <= 1.0
+    assert float(first.min()) >= 0.0 and float(first.max()) <= 1.0
     assert not torch.equal(first, images.float() / 255)  # augmented
     colour = strong_view(torch.zeros(2, 3, 32, 32, dtype=torch.uint8) + 128, "cifar10", torch.Generator())
     assert colour.shape == (2, 3, 32, 32)

@@ -41,7 +41,7 @@ def test_the_clients_train_and_the_server_logs_at_the_rounds_lr(tmp_path: Path,
     used: list[tuple[float, float]] = []  # (optimizer lr, the lr RedGrape's step reads), per client and round
     real = client_app.train_locally
 
-    def spy(model, images, labels, method, setup, generator):  # noqa: ANN001, ANN202
+    def spy(model, images, labels, method, setup, generator):
         used.append((setup.lr, method.cfg.local_lr))
         return real(model, images, labels, method, setup, generator)
 

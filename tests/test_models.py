@@ -14,7 +14,6 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy import FedAvgM
-from flwr.supercore.task_identity import TaskIdentity
 
 from fedlt_app.config import resolve
 from fedlt_app.data import FederatedData, ImageDataset
@@ -143,13 +142,6 @@ def test_fedavg_model_is_not_extended() -> None:
 # ---------------------------------------------------------------- Table 5
 
 
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Instruction Messages read the run's identity; give them one."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
 
 SETTINGS = {
     "mnist": ("mnist", "cnn", 10, 1, 28),
@@ -255,6 +247,7 @@ def test_content_parameters_skips_batchnorm_statistics_and_integer_arrays() -> N
     assert content_parameters(content) == 591_322
     assert len(model.state_dict()) > len(list(model.parameters()))  # buffers travel too
     with_ints = RecordDict(
-        {"m": payload_to_record({"i": np.arange(5, dtype=np.int64), "b": np.ones(3, bool), "f": np.ones(7, np.float32)})}
+        {"m": payload_to_record({"i": np.arange(5, dtype=np.int64), "b": np.ones(3, bool),
+                                 "f": np.ones(7, np.float32)})}
     )
     assert content_parameters(with_ints) == 7

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from in_process import run_in_process
 from torch import nn
 from torch.nn import functional as F
 
@@ -34,7 +35,6 @@ from fedlt_app.models import EncoderClassifier, build_model
 from fedlt_app.records import CLIENT_STATE_KEY, load_client_state, save_client_state
 from fedlt_app.task import federated_data, initial_model
 from fedlt_app.train import LocalTraining, train_locally
-from in_process import run_in_process
 
 C, D = 3, 4  # classes; pixels of a (1, 1, D) image = the toy backbone's feature width
 

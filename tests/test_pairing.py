@@ -16,7 +16,8 @@ from fedlt_app.train import LocalTraining, train_locally
 NUM_CLASSES = 10
 EXTRA = {"fedprox": {"prox-mu": 0.01}, "fedic": {"fedic-server-data": "heldout"}}
 # their classifiers read a projection of the shared backbone's features: MOON's 256-d (methods/representation/moon.py),
-# FedETF's fixed ETF on a C-d one (methods/fixed_classifier/fedetf.py); FedNH's frozen prototypes and scale (methods/fixed_classifier/fednh.py);
+# FedETF's fixed ETF on a C-d one (methods/fixed_classifier/fedetf.py); FedNH's frozen prototypes and scale
+# (methods/fixed_classifier/fednh.py);
 # FedLoGe's heads: its g_aux is the linear classifier (checked in tests/test_fedloge.py), beside SSE-C and a local head
 OWN_CLASSIFIER = {"moon", "fedetf", "fednh", "fedloge"}
 

@@ -12,8 +12,8 @@ from fedlt_app import precision as precision_module
 from fedlt_app.checkpoint import check_resumable
 from fedlt_app.config import ConfigError, defaults, recorded_value, resolve
 from fedlt_app.methods import get_method
-from fedlt_app.methods.decoupled.redgrape import RedGrapeServer
 from fedlt_app.methods.base import ClientReport
+from fedlt_app.methods.decoupled.redgrape import RedGrapeServer
 from fedlt_app.models import build_model
 from fedlt_app.precision import Precision, precision_for
 from fedlt_app.train import LocalTraining, train_locally
@@ -147,8 +147,8 @@ def test_prototypes_and_reports_are_fp32_in_bf16(native_cpu) -> None:  # type: i
         cfg = resolve({"method": method, "precision": "fp32"})
         payload = {}
         if method == "redgrape":
-            payload = {"proto-weight": np.zeros((10, 10, 128), np.float32), "proto-bias": np.zeros((10, 10), np.float32),
-                       "proto-mask": np.ones(10, dtype=bool)}
+            payload = {"proto-weight": np.zeros((10, 10, 128), np.float32),
+                       "proto-bias": np.zeros((10, 10), np.float32), "proto-mask": np.ones(10, dtype=bool)}
         client = get_method(method).client(cfg, 10, payload)
         setup = LocalTraining(epochs=1, batch_size=32, lr=0.05, momentum=0.9, grad_clip=1.0, prox_mu=0.0,
                               dataset="fmnist", precision="bf16")

@@ -200,7 +200,8 @@ def test_rebalance_step_follows_the_code_or_the_papers_equation(step: str) -> No
     payload = prototype_payload(known=(True, True, False, True))
     reference = copy.deepcopy(model)
     train_locally(model, images, labels, RedGrapeClient(cfg, NUM_CLASSES, payload),
-                  LocalTraining(1, 4, cfg.local_lr, 0.9, cfg.grad_clip, 0.0, "fmnist"), torch.Generator().manual_seed(5))
+                  LocalTraining(1, 4, cfg.local_lr, 0.9, cfg.grad_clip, 0.0, "fmnist"),
+                  torch.Generator().manual_seed(5))
     reference_redgrape(reference, images, labels, payload, cfg, batch_size=4, seed=5)  # 3 steps, momentum at work
     for (name, got), want in zip(model.state_dict().items(), reference.state_dict().values(), strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6, msg=name)

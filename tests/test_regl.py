@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from in_process import run_in_process
 
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.data import FederatedData, ImageDataset
@@ -29,7 +30,6 @@ from fedlt_app.generative.synthetic import (
     to_dataset_images,
     with_synthetic,
 )
-from in_process import run_in_process
 
 SKIP_REASON = 'diffusers is absent: synthetic-data=regl needs the optional extra (pip install -e ".[regl]")'
 STEPS = 2  # denoising steps: mechanics only

@@ -17,7 +17,6 @@ from test_strategy import (  # the strategy tests' message builders
     model_arrays,
     random_protos,
     reply,
-    task_identity,  # noqa: F401  (autouse fixture)
     to_record,
 )
 
@@ -34,6 +33,8 @@ from fedlt_app.methods import get_method
 from fedlt_app.results import RunRecorder
 from fedlt_app.server_app import checkpoint_state, restore, round_plan
 from fedlt_app.strategy import ClientFailures
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py: Messages need a run identity
 
 
 def start_round(strategy, server_round: int, theta: dict) -> list[int]:  # type: ignore[no-untyped-def]

@@ -16,18 +16,28 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from in_process import record_calls, run_in_process, run_off_and_secagg
+from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods.base import ClientReport
-from fedlt_app.methods.decoupled import rucr
 from fedlt_app.methods.class_sums import summed
-from fedlt_app.methods.decoupled.rucr import (RUCRClient, RUCRServer, balanced_prototype_loss, class_means,
-                                              means_segments, means_summands, mixed_features, normalised_means,
-                                              prototypes_from_sums, rectified_segments, rectified_summands,
-                                              unified_prototypes)
+from fedlt_app.methods.decoupled import rucr
+from fedlt_app.methods.decoupled.rucr import (
+    RUCRClient,
+    RUCRServer,
+    balanced_prototype_loss,
+    class_means,
+    means_segments,
+    means_summands,
+    mixed_features,
+    normalised_means,
+    prototypes_from_sums,
+    rectified_segments,
+    rectified_summands,
+    unified_prototypes,
+)
 from fedlt_app.precision import FP32
-from in_process import record_calls, run_in_process, run_off_and_secagg
-from test_baselines import C, D, features_of, federated, images_labels, linear_model
 
 
 def rucr_config(**overrides):  # type: ignore[no-untyped-def]

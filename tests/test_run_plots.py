@@ -8,13 +8,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fixtures.fake_runs import CLASS_COUNTS, round_record, write_run
 
 from fedlt_app import run_plots
 from fedlt_app.config import resolve
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data import longtail_counts, tail_classes
 from fedlt_app.results import RunRecorder, federation_info
-from fixtures.fake_runs import CLASS_COUNTS, round_record, write_run
 
 FASHION_DIR = Path("/usr/share/datasets/fashion-mnist")
 PNG = b"\x89PNG"

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.app import ConfigRecord, Message
 from test_secagg_methods import model_arrays
-from test_secagg_strategy import NODES, InProcessGrid, task_identity  # noqa: F401 (a fixture)
+from test_secagg_strategy import NODES, InProcessGrid
 
 from fedlt_app import client_app
 from fedlt_app.config import resolve
@@ -42,7 +42,7 @@ def _round(secure: bool) -> tuple[FedLTStrategy, dict, list[Message]]:
     return strategy, {k: v.numpy() for k, v in arrays.items()}, contents
 
 
-def test_fednh_clients_under_secagg_give_the_plain_round(task_identity) -> None:  # noqa: F811
+def test_fednh_clients_under_secagg_give_the_plain_round(task_identity) -> None:
     plain, plain_arrays, plain_contents = _round(secure=False)
     secure, secure_arrays, secure_contents = _round(secure=True)
     assert all(set(c) == {RECORD} and set(c[RECORD]) == {"masked"} for c in secure_contents)  # nothing else left

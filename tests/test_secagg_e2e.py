@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-
 from app_runs import metrics_rows, run_app
 from in_process import run_in_process
 

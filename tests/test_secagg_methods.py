@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
-from test_secagg_strategy import NODES, InProcessGrid, task_identity  # noqa: F401 (a fixture)
+from test_secagg_strategy import NODES, InProcessGrid
 from torch import nn
 
 from fedlt_app.config import resolve
@@ -113,7 +113,7 @@ def _largest_error(secure: np.ndarray, plain: np.ndarray) -> float:
 
 
 @pytest.mark.parametrize("method", ["redgrape", "grape-la"])
-def test_prototype_store_equals_plain_aggregation(task_identity, method: str, record_property) -> None:  # noqa: F811
+def test_prototype_store_equals_plain_aggregation(task_identity, method: str, record_property) -> None:
     plain, plain_arrays, _ = _round(method, secure=False)
     secure, secure_arrays, messages = _round(method, secure=True)
     p, s = plain.server_method, secure.server_method
@@ -135,7 +135,7 @@ def test_prototype_store_equals_plain_aggregation(task_identity, method: str, re
     assert secure.current.parameters_up == (len(NODES) - 1) * (3 + model_values + method_values)
 
 
-def test_creff_mean_real_gradients_equal_plain_aggregation(task_identity, monkeypatch) -> None:  # noqa: F811
+def test_creff_mean_real_gradients_equal_plain_aggregation(task_identity, monkeypatch) -> None:
     seen: dict[str, dict] = {}
     monkeypatch.setattr(CReFFServer, "absorb_real", lambda self, real: seen.setdefault(
         "secure" if self.cfg.secure_aggregation == "secagg" else "plain", real))
@@ -148,7 +148,7 @@ def test_creff_mean_real_gradients_equal_plain_aggregation(task_identity, monkey
         np.testing.assert_allclose(secure[c][1].numpy(), bias.numpy(), rtol=2e-7, atol=STEP)
 
 
-def test_a_client_whose_method_gives_other_sums_refuses_to_pack(task_identity) -> None:  # noqa: F811
+def test_a_client_whose_method_gives_other_sums_refuses_to_pack(task_identity) -> None:
     strategy = _strategy("redgrape", secure=True)
     grid = InProcessGrid()
     theta = model_arrays(strategy)
@@ -174,7 +174,7 @@ def _weighted_means(messages: list[Message], method: str, uniform: bool) -> dict
             / weights.sum() for k in replies[0].content["arrays"]}
 
 
-def test_fednh_unweighted_average_and_prototypes_equal_plain_aggregation(task_identity, record_property) -> None:  # noqa: F811
+def test_fednh_unweighted_average_and_prototypes_equal_plain_aggregation(task_identity, record_property) -> None:
     """FedNH: the unweighted model mean (weight 1 per client, not n) and the prototypes moved by the summed
     per-class semantics and counts; the counts exactly."""
     plain, plain_arrays, _ = _round("fednh", secure=False)
@@ -211,7 +211,7 @@ def _assert_personalised_mean_only(plain: FedLTStrategy, secure: FedLTStrategy) 
     assert abs(secure_metrics["personalised_accuracy"] - expected) < STEP
 
 
-def test_fedetf_weighted_average_and_masked_personalised_accuracy(task_identity, record_property) -> None:  # noqa: F811
+def test_fedetf_weighted_average_and_masked_personalised_accuracy(task_identity, record_property) -> None:
     """FedETF: the n-weighted mean (β included) and the personalised accuracy's cohort mean from its masked sum;
     the masked vector holds the model, the three counters and the metric's sum and count, nothing else (the
     per-client train time is dropped)."""
@@ -230,7 +230,7 @@ def test_fedetf_weighted_average_and_masked_personalised_accuracy(task_identity,
     print(f"fedetf: largest model error {error:.3g}")
 
 
-def test_fedgrab_weighted_average_and_mean_pid_weights_equal_plain_aggregation(task_identity,  # noqa: F811
+def test_fedgrab_weighted_average_and_mean_pid_weights_equal_plain_aggregation(task_identity,
                                                                                record_property) -> None:
     """Fed-GraB: the n-weighted mean and the clients' mean last-step (w⁺, w⁻) from their masked sum and count."""
     plain, plain_arrays, _ = _round("fedgrab", secure=False)
@@ -248,7 +248,7 @@ def test_fedgrab_weighted_average_and_mean_pid_weights_equal_plain_aggregation(t
     print(f"fedgrab: largest PID weight error {weight_error:.3g}, model error {model_error:.3g}")
 
 
-def test_moon_weighted_average_and_contrastive_metrics_equal_plain_aggregation(task_identity,  # noqa: F811
+def test_moon_weighted_average_and_contrastive_metrics_equal_plain_aggregation(task_identity,
                                                                                  record_property) -> None:
     """MOON: the n-weighted mean, how many clients contrasted (exactly) and their mean term, from masked sums."""
     plain, plain_arrays, _ = _round("moon", secure=False)

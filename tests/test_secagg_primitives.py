@@ -45,8 +45,8 @@ def test_modulus_holds_the_documented_federation_and_refuses_overflow():
     for sign in (1.0, -1.0):
         one = codec.encode(np.array([sign * codec.clip, sign * codec.clip / 3]), np.random.default_rng(0))[0]
         total = one * n  # = the sum of max_clients such vectors, mod 2^64
-        assert np.allclose(codec.decode(total), np.array([sign * codec.clip, sign * codec.clip / 3]) * codec.max_clients,
-                           rtol=0, atol=codec.sum_error_bound(codec.max_clients))
+        expected = np.array([sign * codec.clip, sign * codec.clip / 3]) * codec.max_clients
+        assert np.allclose(codec.decode(total), expected, rtol=0, atol=codec.sum_error_bound(codec.max_clients))
     with pytest.raises(ValueError, match="overflows"):
         FixedPoint(scale_bits=24, clip=2.0**22, max_clients=2**17)
     with pytest.raises(ValueError, match="overflows"):

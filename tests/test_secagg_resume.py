@@ -17,7 +17,7 @@ import torch
 from app_runs import kill_after_checkpoint, metrics_rows, run_app, without_timing
 from flwr.app import ArrayRecord, ConfigRecord, Message
 from test_secagg_methods import client_reply, model_arrays
-from test_secagg_strategy import NODES, InProcessGrid, task_identity  # noqa: F401 (a fixture)
+from test_secagg_strategy import NODES, InProcessGrid
 from torch import nn
 
 from fedlt_app.checkpoint import save_checkpoint
@@ -51,7 +51,7 @@ def _rounds(strategy: FedLTStrategy, arrays: ArrayRecord, count: int) -> ArrayRe
 
 
 @pytest.mark.parametrize("optimizer", ["fedavg", "fedavgm", "fedadam"])
-def test_a_resumed_secure_run_continues_bit_for_bit(task_identity, tmp_path: Path,  # noqa: F811
+def test_a_resumed_secure_run_continues_bit_for_bit(task_identity, tmp_path: Path,
                                                      optimizer: str) -> None:
     cfg = resolve({"method": "redgrape", "secure-aggregation": "secagg", "server-opt": optimizer,
                    "server-momentum": 0.9, "server-lr": 0.5})

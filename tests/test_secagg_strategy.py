@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedlt_app.config import ConfigError, resolve
@@ -21,13 +20,6 @@ NODES = {p: 500 + 7 * p for p in range(7)}  # partition -> node id
 HANDLERS = {f"query.{QUERY_KEYS}": flower_client.handle_keys, f"query.{QUERY_SHARES}": flower_client.handle_shares,
             f"query.{QUERY_UNMASK}": flower_client.handle_unmask}
 
-
-@pytest.fixture
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Instruction Messages (built by FedAvg.configure_train and the protocol) read the run's identity."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 class InProcessGrid:

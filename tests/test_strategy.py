@@ -14,7 +14,6 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from torch import nn
 
 from fedlt_app.config import resolve
@@ -27,6 +26,8 @@ from fedlt_app.strategy import METHOD_KEY, FedLTStrategy, sample_cohort, server_
 NUM_CLIENTS = 10
 NODE_OF_PARTITION = {p: 101 + p for p in range(NUM_CLIENTS)}
 C, D = 4, 3  # classes, feature width of the toy model
+
+pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py: Messages need a run identity
 
 
 # ---------------------------------------------------------------- sample_cohort
@@ -68,13 +69,6 @@ def test_sample_cohort_covers_all_clients_over_rounds() -> None:
 
 # ---------------------------------------------------------------- fixtures
 
-
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Instruction Messages (built by FedAvg.configure_train) read the run's identity."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
 
 
 def make_grid() -> Mock:
@@ -317,8 +311,8 @@ def test_aggregate_train_gives_the_num_examples_weighted_average_at_server_lr_1(
     client_arrays = [model_arrays(rng) for _ in cohort]
     sizes, losses = [7, 100, 23], [2.0, 1.0, 0.5]
     replies = [
-        reply(p, a, n, l, random_protos(rng, [0]))
-        for p, a, n, l in zip(cohort, client_arrays, sizes, losses, strict=True)
+        reply(p, a, n, loss, random_protos(rng, [0]))
+        for p, a, n, loss in zip(cohort, client_arrays, sizes, losses, strict=True)
     ]
     up_bytes = sum(nbytes(a) for a in client_arrays) + 3 * (8 + C * D * 4 + C * 4)  # int64 class + weight + bias
     arrays, metrics = strategy.aggregate_train(1, replies)
@@ -328,7 +322,7 @@ def test_aggregate_train_gives_the_num_examples_weighted_average_at_server_lr_1(
     assert got.keys() == expected.keys()
     for key in expected:
         assert np.allclose(got[key], expected[key], atol=1e-5), key
-    expected_loss = sum(n * l for n, l in zip(sizes, losses, strict=True)) / sum(sizes)
+    expected_loss = sum(n * loss for n, loss in zip(sizes, losses, strict=True)) / sum(sizes)
     assert strategy.current.train_loss == pytest.approx(expected_loss)
     assert float(metrics["train-loss"]) == pytest.approx(expected_loss)
     assert strategy.current.bytes_up == up_bytes
@@ -363,7 +357,8 @@ def test_server_lr_half_steps_halfway_from_the_sent_model() -> None:
         cohort = strategy.current.cohort
         client_arrays = [model_arrays(rng) for _ in cohort]
         sizes = [3, 9]
-        replies = [reply(p, a, n, 1.0, random_protos(rng, [1])) for p, a, n in zip(cohort, client_arrays, sizes, strict=True)]
+        replies = [reply(p, a, n, 1.0, random_protos(rng, [1]))
+                   for p, a, n in zip(cohort, client_arrays, sizes, strict=True)]
         arrays, _ = strategy.aggregate_train(server_round, replies)
         avg = weighted_average(client_arrays, sizes)
         expected = {k: current[k] + 0.5 * (avg[k] - current[k]) for k in current}
@@ -516,6 +511,7 @@ BUFFERS = ("encoder.running_mean", "encoder.running_var", "encoder.num_batches_t
 def test_batchnorm_statistics_are_the_plain_weighted_average_whatever_the_server_optimizer(
     server_opt: str, server_lr: float
 ) -> None:
+
     rng = np.random.default_rng(11)
     model = bn_model()
     assert set(model.state_dict()) == set(bn_arrays(rng))

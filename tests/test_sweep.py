@@ -546,7 +546,8 @@ def test_paired_differences_to_the_reference_per_seed(paired_sweep: Path, stem: 
                     diffs.append(mine - ref)
             mean = statistics.mean(diffs)
             agree = sum((d > 0) if mean >= 0 else (d < 0) for d in diffs)
-            expected = f"{mean:+.2f} ± {statistics.stdev(diffs):.2f} ({agree}/{len(diffs)} {'>' if mean >= 0 else '<'} 0)"
+            sign = ">" if mean >= 0 else "<"
+            expected = f"{mean:+.2f} ± {statistics.stdev(diffs):.2f} ({agree}/{len(diffs)} {sign} 0)"
             if abs(mean) < statistics.stdev(diffs):
                 expected += " ‡"  # smaller than its spread: more seeds needed
             if len(diffs) < 3:

@@ -157,7 +157,7 @@ def _unpickle(path: Path) -> dict[bytes, object]:
         except Exception as err:  # any unpickling failure means a bad file
             raise ValueError(f"{path}: not a readable CIFAR pickle ({err})") from err
     if not isinstance(batch, dict):  # a bad file, not a caller's type error
-        raise ValueError(f"{path}: expected a dict, found {type(batch).__name__}")  # noqa: TRY004
+        raise ValueError(f"{path}: expected a dict, found {type(batch).__name__}")
     return {(k.encode() if isinstance(k, str) else k): v for k, v in batch.items()}
 
 

@@ -8,22 +8,22 @@ from typing import TYPE_CHECKING
 
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, extend_nothing
 from fedlt_app.methods.decoupled.ccvr import CCVRClient, CCVRServer
-from fedlt_app.methods.loss.climb import ClimbClient, ClimbServer
 from fedlt_app.methods.decoupled.creff import CReFFClient, CReFFServer
-from fedlt_app.methods.fixed_classifier.fedetf import FedETFClient, FedETFServer, add_etf_classifier
-from fedlt_app.methods.loss.fedgrab import FedGraBClient, FedGraBServer
-from fedlt_app.methods.loss.fedavg_la import FedAvgLAClient, FedAvgLAServer
-from fedlt_app.methods.loss.fedlc import FedLCClient
-from fedlt_app.methods.fixed_classifier.fedloge import FedLoGeClient, FedLoGeServer, add_fedloge_heads
-from fedlt_app.methods.fixed_classifier.fednh import FedNHClient, FedNHServer, add_prototype_classifier
-from fedlt_app.methods.loss.focal import FocalClient
 from fedlt_app.methods.decoupled.grape_la import GrapeLAClient, GrapeLAServer
-from fedlt_app.methods.representation.moon import MoonClient, MoonServer, add_projection_head
-from fedlt_app.methods.loss.ratio_loss import RatioLossClient, RatioLossServer
+from fedlt_app.methods.decoupled.redgrape import RedGrapeClient, RedGrapeServer, add_supplementary_classifier
 from fedlt_app.methods.decoupled.rucr import RUCRClient, RUCRServer
 from fedlt_app.methods.distillation.fedic import FedICServer
 from fedlt_app.methods.distillation.fedyoyo import FedYoYoClient, FedYoYoServer
-from fedlt_app.methods.decoupled.redgrape import RedGrapeClient, RedGrapeServer, add_supplementary_classifier
+from fedlt_app.methods.fixed_classifier.fedetf import FedETFClient, FedETFServer, add_etf_classifier
+from fedlt_app.methods.fixed_classifier.fedloge import FedLoGeClient, FedLoGeServer, add_fedloge_heads
+from fedlt_app.methods.fixed_classifier.fednh import FedNHClient, FedNHServer, add_prototype_classifier
+from fedlt_app.methods.loss.climb import ClimbClient, ClimbServer
+from fedlt_app.methods.loss.fedavg_la import FedAvgLAClient, FedAvgLAServer
+from fedlt_app.methods.loss.fedgrab import FedGraBClient, FedGraBServer
+from fedlt_app.methods.loss.fedlc import FedLCClient
+from fedlt_app.methods.loss.focal import FocalClient
+from fedlt_app.methods.loss.ratio_loss import RatioLossClient, RatioLossServer
+from fedlt_app.methods.representation.moon import MoonClient, MoonServer, add_projection_head
 from fedlt_app.methods.vision_language.capt import CAPTClient, CAPTServer, capt_model
 from fedlt_app.methods.vision_language.clip2fl import CLIP2FLClient, CLIP2FLServer
 from fedlt_app.methods.vision_language.clip_prompts import ZeroShotServer, promptfl_model, zero_shot_model

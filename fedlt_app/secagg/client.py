@@ -132,7 +132,8 @@ class SecAggClient:
         if not u1 <= set(self.setup.cohort) or ins.public_keys.get(self.node_id) != self._own:
             raise ProtocolViolation(f"node {self.node_id}: key set names strangers or alters this node's keys")
         self._need(len(u1), "share-keys")
-        published = [k.shares_public for k in ins.public_keys.values()] + [k.mask_public for k in ins.public_keys.values()]
+        announced = list(ins.public_keys.values())
+        published = [k.shares_public for k in announced] + [k.mask_public for k in announced]
         if len(set(published)) != len(published):
             raise ProtocolViolation(f"node {self.node_id}: the key set repeats a public key")
         self._public = dict(ins.public_keys)

@@ -34,6 +34,7 @@ def run_round(inputs: Mapping[int, np.ndarray], threshold: int, context: bytes =
 
     requests = server.receive_keys(answer("advertise-keys", server.setup(), SecAggClient.advertise_keys))
     requests = server.receive_shares(answer("share-keys", requests, SecAggClient.share_keys))
-    requests = server.receive_masked(answer("masked-input", requests, lambda c, r: c.masked_input(r, inputs[c.node_id])))
+    masked = answer("masked-input", requests, lambda c, r: c.masked_input(r, inputs[c.node_id]))
+    requests = server.receive_masked(masked)
     total = server.receive_unmask(answer("unmask", requests, SecAggClient.unmask))
     return total, server.survivors

@@ -159,7 +159,9 @@ class RedGrapeClient(ClientMethod):
         with torch.no_grad():
             features = torch.cat(
                 [
-                    model.encoder(augment(images[i : i + 256].to(device), self.cfg.dataset, generator, self.cfg.augment))
+                    model.encoder(
+                        augment(images[i : i + 256].to(device), self.cfg.dataset, generator, self.cfg.augment)
+                    )
                     for i in range(0, len(images), 256)
                 ]
             )

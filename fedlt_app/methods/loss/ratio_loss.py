@@ -60,7 +60,8 @@ class RatioLossServer(ServerMethod):
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         super().__init__(cfg, model, data)
         images, labels = data.dataset.train_images, data.dataset.train_labels
-        self.auxiliary = [(images[idx], labels[idx]) for idx in auxiliary_indices(labels.numpy(), cfg.ratio_aux_per_class)]
+        chosen = auxiliary_indices(labels.numpy(), cfg.ratio_aux_per_class)
+        self.auxiliary = [(images[idx], labels[idx]) for idx in chosen]
         self.weights = np.ones(self.num_classes, dtype=np.float32)
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
