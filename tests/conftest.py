@@ -12,13 +12,10 @@ os.environ.setdefault("WANDB_SILENT", "true")
 
 @pytest.fixture
 def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Instruction Messages (built by FedAvg.configure_train, the secagg protocol, ...) read the run's identity;
-    outside a running Flower app there is none, so give them one."""
-    from flwr.supercore.task_identity import TaskIdentity
+    """Messages built outside a running Flower app need a run identity: see ``in_process.give_task_identity``."""
+    from in_process import give_task_identity
 
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    give_task_identity(monkeypatch)
 
 
 @pytest.fixture(scope="module")

@@ -65,6 +65,14 @@ class InProcessGrid:
         return replies
 
 
+def give_task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Instruction Messages (built by FedAvg.configure_train, the secagg protocol, ...) read the run's identity;
+    outside a running Flower app there is none (the engine sets it), so give them the one a server grid has."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
 def run_in_process(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, num_clients: int = 3) -> int:
     """One run of the app in this process; ``app_runs.run_app``'s signature, so a test can switch engines.
 
@@ -72,10 +80,7 @@ def run_in_process(tmp: Path, monkeypatch: pytest.MonkeyPatch, run_config: str, 
     Pictures are off unless ``run_config`` asks for them, as in ``run_app``.
     """
     del tmp
-    # Messages built outside a Flower run read the run's identity from here (the engine sets it).
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+    give_task_identity(monkeypatch)
     # a fresh worker: no model cached by an earlier test's run (the caches' keys assume one run per process)
     monkeypatch.setattr(client_app, "_MODELS", {})
     monkeypatch.setattr(active_client, "_MODELS", {})

@@ -389,15 +389,11 @@ def test_without_histograms_the_server_averages_everything() -> None:
     assert server.broadcast(2, None) == {}
 
 
-def test_personalised_message_changes_only_its_own_copy(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_personalised_message_changes_only_its_own_copy(task_identity) -> None:
     """Flower's FedAvg hands every message one shared RecordDict: an override must copy, never write through."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedlt_app.strategy import personalised_message
-
-    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):  # as the server's grid sets them
-        monkeypatch.setattr(TaskIdentity, name, value)
 
     shared = RecordDict({"arrays": ArrayRecord({"a": Array(np.zeros(3, np.float32)),
                                                 "b": Array(np.ones(2, np.float32))}),
