@@ -5,10 +5,11 @@ the server optimizer's state (FedAvgM's momentum, FedAdam's moments), the
 method's server state (RedGrape's prototype store, CLIMB's duals, CReFF's
 federated features...), the server's torch RNG and the round index. Client
 randomness is keyed by seed, round and partition id, so a resumed run replays
-exactly what an uninterrupted one would have done, except for a method that
-keeps state on its clients (``ClientMethod.state``, MOON's previous models):
-that lives in each node's Flower ``context.state``, not here, and a resumed
-run (a new Flower run) starts it afresh.
+exactly what an uninterrupted one would have done. A method that keeps state
+on its clients (``ClientMethod.state``, MOON's previous models) is not here:
+the clients write it to the run folder themselves (``fedlt_app.client_state``,
+``persist-client-state``); without that, a resumed run (a new Flower run)
+starts it afresh.
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ _OPTIMIZER_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
 # Keys that may change when a run is resumed; any other difference is refused.
 RESUMABLE_CHANGES = frozenset(
     {"resume-from", "run-name", "output-dir", "num-server-rounds", "checkpoint-every", "round-timeout",
-     "max-failure-fraction", "wandb-mode", "wandb-project", "device", "debug-fail-partitions",
-     "debug-hang-partitions", "pictures"}
+     "max-failure-fraction", "persist-client-state", "wandb-mode", "wandb-project", "device",
+     "debug-fail-partitions", "debug-hang-partitions", "pictures"}
 )
 
 

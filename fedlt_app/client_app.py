@@ -11,6 +11,7 @@ from flwr.clientapp import ClientApp
 
 from fedlt_app.active import client as active_learning
 from fedlt_app.active import protocol as al_protocol
+from fedlt_app.client_state import StateFiles, load_client_state, save_client_state
 from fedlt_app.config import RunConfig, parse_class_list, resolve
 from fedlt_app.data import FederatedData
 from fedlt_app.generative import phase as regl_phase
@@ -19,7 +20,7 @@ from fedlt_app.methods import get_method
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.personalised import label_distribution, personalised_accuracy
 from fedlt_app.precision import precision_for
-from fedlt_app.records import load_client_state, payload_to_record, record_to_payload, save_client_state
+from fedlt_app.records import payload_to_record, record_to_payload
 from fedlt_app.secagg import flower_client as secure
 from fedlt_app.secagg.flower_server import QUERY_KEYS, QUERY_SHARES, QUERY_UNMASK
 from fedlt_app.strategy import METHOD_KEY, STATISTICS_QUERY
@@ -89,14 +90,15 @@ def train(msg: Message, context: Context) -> Message:
     seed = client_seed(cfg.seed, server_round, partition_id)
     torch.manual_seed(seed)  # dropout
     generator = torch.Generator().manual_seed(seed)  # shuffling, augmentation, balanced draws
+    state_files = StateFiles.from_config(msg.content["config"], partition_id, cfg.checkpoint_every)  # resume
     method = get_method(cfg.method).client(cfg, data.num_classes, record_to_payload(msg.content.get(METHOD_KEY)),
-                                           state=load_client_state(context.state))
+                                           state=load_client_state(context.state, state_files))
     started = time.perf_counter()
     stats = train_locally(model, images, labels, method, LocalTraining.from_config(cfg), generator)
     method.finish(model)  # work on the trained model for the reply (RUCR's classifier re-training)
     train_seconds = time.perf_counter() - started
     weight = len(real_labels) if synthetic is not None and cfg.regl_weight_count == "real" else stats.num_examples
-    save_client_state(context.state, method.state_to_keep(model))  # only after training succeeded
+    save_client_state(context.state, method.state_to_keep(model), state_files)  # only after training succeeded
 
     metrics = MetricRecord({"num-examples": weight, "train-loss": stats.mean_loss, "train-seconds": train_seconds})
     if synthetic is not None:

@@ -12,13 +12,16 @@ a run is half done, so what the clone computed must reach the repository:
   pictures, not the models (``checkpoint.pt``, ``final_model.pt``: large, and
   re-creatable); a checkpoint an earlier collection left here for it is deleted;
 - an **unfinished** run that left a checkpoint: ``config.json``,
-  ``metrics.jsonl`` and ``checkpoint.pt``, which ``.gitignore`` skips on purpose,
-  so commit it with ``git add -f`` (the command is printed): ``fedlt-sweep`` and
-  the FairFAL comparison then continue the run from it in a later session;
-- an unfinished run is left out, with the reason, when nothing could continue it:
-  it has no checkpoint, or its method keeps state on its clients (MOON's previous
-  models, Fed-GraB's controllers, FedLoGe's local heads), which a checkpoint
-  does not hold, so ``fedlt-sweep`` re-runs such a cell from round 1.
+  ``metrics.jsonl``, ``checkpoint.pt`` and, for a method that keeps state on its
+  clients (MOON's previous models, Fed-GraB's controllers, FedLoGe's local heads),
+  the ``client-state/`` files its clients wrote, which ``.gitignore`` skips on
+  purpose, so commit them with ``git add -f`` (the command is printed):
+  ``fedlt-sweep`` and the FairFAL comparison then continue the run from them in
+  a later session;
+- an unfinished run is left out, with the reason, when nothing could continue it
+  exactly: it has no checkpoint, or its method keeps state on its clients and
+  they did not write it (``persist-client-state`` off, or a run from before the
+  key), so ``fedlt-sweep`` re-runs such a cell from round 1.
 
 A run already here with at least as many rounds (or cycles) is kept. Then the
 tables the copied runs belong to are rewritten: ``fedlt-sweep SPEC --report-only``
@@ -37,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedlt_app.run_folder import completed
+
+STATE_FOLDER = "client-state"  # fedlt_app.client_state.STATE_FOLDER (imported there with flwr; not needed here)
 
 MODEL_FILES = ("checkpoint.pt", "checkpoint.tmp", "final_model.pt", "final_model.tmp")
 RESUME_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt")
@@ -66,18 +71,32 @@ def run_folders(results: Path) -> list[Path]:
 
 
 def not_continuable(run_dir: Path) -> str | None:
-    """Why an unfinished run could not be continued from what it left (None: it can)."""
+    """Why an unfinished run could not be continued exactly from what it left (None: it can)."""
     if not (run_dir / "checkpoint.pt").is_file():
         return "no checkpoint"
-    from fedlt_app.methods import keeps_client_state  # torch: only for unfinished runs
+    from fedlt_app.methods import resumes_exactly  # torch: only for unfinished runs
 
     try:
-        method = json.loads((run_dir / "config.json").read_text())["run_config"].get("method")
-    except (OSError, ValueError, KeyError, AttributeError):
+        run_config = json.loads((run_dir / "config.json").read_text())["run_config"]
+        exact = resumes_exactly(run_config)
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return "config.json unreadable"
-    if method and keeps_client_state(str(method)):
-        return f"{method} keeps state on its clients, which the checkpoint does not hold: it re-runs from round 1"
+    if not exact:
+        return (f"{run_config.get('method')} keeps state on its clients, which this run kept in memory only: "
+                "it re-runs from round 1")
     return None
+
+
+def checkpointed_client_states(run_dir: Path) -> list[Path]:
+    """The ``client-state/`` files a resume from the run's checkpoint reads (none: its clients kept nothing)."""
+    if not (run_dir / STATE_FOLDER).is_dir():
+        return []
+    import torch  # only for unfinished runs whose clients kept state
+
+    from fedlt_app.client_state import resume_files
+
+    checkpointed = int(torch.load(run_dir / "checkpoint.pt", weights_only=False)["round"])
+    return resume_files(run_dir / STATE_FOLDER, checkpointed)
 
 
 def collect_run(source: Path, target: Path, dry_run: bool = False) -> Collected | None:
@@ -96,9 +115,14 @@ def collect_run(source: Path, target: Path, dry_run: bool = False) -> Collected 
                 shutil.copy2(path, target / path.name)
         for name in MODEL_FILES:
             (target / name).unlink(missing_ok=True)
+        shutil.rmtree(target / STATE_FOLDER, ignore_errors=True)
     else:
         for name in RESUME_FILES:
             shutil.copy2(source / name, target / name)
+        shutil.rmtree(target / STATE_FOLDER, ignore_errors=True)  # the files of this checkpoint, none older
+        for path in checkpointed_client_states(source):
+            (target / path.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target / path.relative_to(source))
     return Collected(target, finished, _records(source))
 
 
@@ -155,10 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dry_run:
         return 0
     _rewrite_reports(root, copied)
-    waiting = [c.run / "checkpoint.pt" for c in copied if not c.finished]
+    waiting = [path for c in copied if not c.finished
+               for path in (c.run / "checkpoint.pt", c.run / STATE_FOLDER) if path.exists()]
     print("collect: stage the runs (and the deletion of checkpoints whose runs finished) with: git add -A results")
     if waiting:
-        print("collect: and the checkpoints that let a later session continue (ignored by .gitignore) with:\n"
+        print("collect: and the checkpoints (and client states) that let a later session continue (ignored by "
+              ".gitignore) with:\n"
               f"  git add -f {' '.join(str(p.relative_to(root)) for p in waiting)}")
     return 0
 

@@ -403,6 +403,9 @@ SCHEMA: tuple[Option, ...] = (
     Option("checkpoint-every", int, 10, "write a resumable checkpoint every this many rounds (0 = never); "
            "active learning: after every cycle when above 0", at_least(0)),
     Option("resume-from", str, "", "a run directory whose checkpoint this run continues"),
+    Option("persist-client-state", bool, True, "with checkpoints: clients of a method that keeps state (MOON, "
+           "Fed-GraB, FedLoGe) write it to the run folder's client-state/ after each round, so that resume-from "
+           "replays them; false: memory only (a resumed run starts new client states)"),
     Option("debug-fail-partitions", str, "", "fault injection: these partition ids raise in training (e.g. \"1,3\")",
            optional_class_list),
     Option("debug-hang-partitions", str, "", "fault injection: these partition ids stall past round-timeout",
@@ -597,6 +600,7 @@ class RunConfig:
     secagg_min_cohort: int
     checkpoint_every: int
     resume_from: str
+    persist_client_state: bool
     debug_fail_partitions: str
     debug_hang_partitions: str
     al_method: str
@@ -678,6 +682,7 @@ def defaults() -> dict[str, Any]:
 # What a run recorded before a key existed actually did, where that is not the key's default today.
 BEFORE_KEY: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     "precision": lambda ran: "fp32",  # before `precision`, runs were float32 (the default is now auto)
+    "persist-client-state": lambda ran: False,  # before it, client state lived in memory only
     # CReFF re-trained at the local lr; for other methods the key changes nothing
     "creff-retrain-lr": lambda ran: ran.get("local-lr") if ran.get("method") == "creff" else OPTIONS[
         "creff-retrain-lr"].default,

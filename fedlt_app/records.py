@@ -24,25 +24,6 @@ def record_to_payload(record: ArrayRecord | None) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in record.items()}
 
 
-# Where a client method's persistent arrays live in the node's ``context.state``
-# (see ClientMethod.state): Flower keeps that RecordDict per node across rounds.
-CLIENT_STATE_KEY = "method-state"
-
-
-def load_client_state(node_state: RecordDict) -> dict[str, np.ndarray]:
-    """The arrays this node's method kept last time it trained (empty before that)."""
-    record = node_state.get(CLIENT_STATE_KEY)
-    return record_to_payload(record) if isinstance(record, ArrayRecord) else {}
-
-
-def save_client_state(node_state: RecordDict, arrays: dict[str, np.ndarray]) -> None:
-    """Replace the node's stored method state (nothing to keep: drop it)."""
-    if arrays:
-        node_state[CLIENT_STATE_KEY] = payload_to_record(arrays)
-    elif CLIENT_STATE_KEY in node_state:
-        del node_state[CLIENT_STATE_KEY]
-
-
 def content_nbytes(content: RecordDict) -> int:
     """Bytes of every array a message carries (configs and metrics are noise)."""
     return sum(array.numpy().nbytes for record in content.array_records.values() for array in record.values())

@@ -25,6 +25,7 @@ from fedlt_app.checkpoint import (
     save_checkpoint,
     save_final_model,
 )
+from fedlt_app.client_state import persisted_state_config
 from fedlt_app.config import ConfigError, RunConfig, resolve
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data import tail_classes
@@ -174,7 +175,9 @@ def main(grid: Grid, context: Context) -> None:
                 initial_arrays=initial_arrays,
                 num_rounds=cfg.num_server_rounds - done,
                 timeout=cfg.round_timeout,
-                train_config=ConfigRecord(),
+                # clients that keep state write it to the run folder, so that a resume replays them too
+                train_config=(persisted_state_config(run_dir, done) if cfg.checkpoint_every and
+                              cfg.persist_client_state else ConfigRecord()),
                 evaluate_fn=evaluate_global,
             )
     summary = recorder.summary

@@ -52,7 +52,7 @@ SPEC_KEYS = (
 # Run-config keys that do not change a run's results: a finished run still
 # counts when only these differ from the sweep file (e.g. data moved).
 NOT_IDENTITY = frozenset({"preset", "run-name", "output-dir", "data-dir", "device", "wandb-mode", "wandb-project",
-                          "resume-from", "pictures"})
+                          "resume-from", "pictures", "persist-client-state"})
 DEFAULT_TIMEOUT = 72 * 3600.0
 CELL_LOG = "cells.jsonl"  # one line per cell run: name, run name, exit code, status, wall seconds
 SAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -549,9 +549,9 @@ class CellState:
     resume_from: Path | None = None
 
 
-def cell_state(runs_dir: Path, name: str, resumable: bool = True) -> CellState:
-    """Where a cell stands. ``resumable``: its method replays exactly from a checkpoint (no client state), so an
-    interrupted attempt with a checkpoint is continued in its own folder instead of re-run from round 1."""
+def cell_state(runs_dir: Path, name: str) -> CellState:
+    """Where a cell stands. An interrupted attempt with a checkpoint whose resume replays the uninterrupted run
+    (``methods.resumes_exactly``) is continued in its own folder; any other is re-run from round 1."""
     from fedlt_app.checkpoint import CHECKPOINT_FILE  # torch: only when a sweep plans its cells
 
     attempts = report.attempts(runs_dir, name)
@@ -561,16 +561,20 @@ def cell_state(runs_dir: Path, name: str, resumable: bool = True) -> CellState:
     if not attempts:
         return CellState("new", None, name)
     last = attempts[-1]  # oldest first
-    if resumable and (last / CHECKPOINT_FILE).is_file():
+    if (last / CHECKPOINT_FILE).is_file() and replays_from_checkpoint(last):
         return CellState("resume", None, last.name, resume_from=last)
     return CellState("partial", None, f"{name}-retry{report.retry_index(last.name, name) + 1}")
 
 
-def replays_from_checkpoint(cell: Cell) -> bool:
-    """A cell whose method keeps no state on its clients: resuming it gives the uninterrupted run's results."""
-    from fedlt_app.methods import keeps_client_state
+def replays_from_checkpoint(run_dir: Path) -> bool:
+    """An interrupted run whose resume gives the uninterrupted run's results (a method keeping no state on its
+    clients, or clients that wrote theirs to the run folder); an unreadable config.json: no."""
+    from fedlt_app.methods import resumes_exactly
 
-    return not keeps_client_state(str(cell.run_config["method"]))
+    try:
+        return resumes_exactly(json.loads((run_dir / "config.json").read_text())["run_config"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
 
 
 def _check_finished_run(cell: Cell, run_dir: Path) -> None:
@@ -669,7 +673,7 @@ def run_sweep(
 
     plan: list[tuple[Cell, CellState]] = []
     for cell in cells:
-        state = cell_state(runs_dir, cell.name, resumable=replays_from_checkpoint(cell))
+        state = cell_state(runs_dir, cell.name)
         if state.completed is not None:
             _check_finished_run(cell, state.completed)
         plan.append((cell, state))

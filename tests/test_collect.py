@@ -48,12 +48,41 @@ def test_an_unfinished_run_comes_with_what_resuming_needs(tmp_path: Path) -> Non
 def test_unfinished_runs_that_nothing_could_continue_are_named(tmp_path: Path) -> None:
     assert collect.not_continuable(write_run(tmp_path / "a", 5, "running")) == "no checkpoint"
     assert collect.not_continuable(write_run(tmp_path / "b", 5, None, checkpoint=True)) is None
-    moon = write_run(tmp_path / "c", 5, None, checkpoint=True)
+    moon = write_run(tmp_path / "c", 5, None, checkpoint=True)  # from before persist-client-state: memory only
     (moon / "config.json").write_text(json.dumps({"run_config": {"method": "moon"}}))
+    assert "moon keeps state on its clients, which this run kept in memory only" in collect.not_continuable(moon)
+    (moon / "config.json").write_text(json.dumps({"run_config": {"method": "moon", "persist-client-state": False}}))
     assert "moon keeps state on its clients" in collect.not_continuable(moon)
+    (moon / "config.json").write_text(json.dumps({"run_config": {"method": "moon", "persist-client-state": True}}))
+    assert collect.not_continuable(moon) is None  # its clients wrote their state to the run folder
+    (moon / "config.json").write_text(json.dumps({"run_config": {"method": "moon", "persist-client-state": True,
+                                                                 "checkpoint-every": 0}}))
+    assert "moon keeps state on its clients" in collect.not_continuable(moon)  # without checkpoints: nothing
     fedavg = write_run(tmp_path / "d", 5, None, checkpoint=True)
     (fedavg / "config.json").write_text(json.dumps({"run_config": {"method": "fedavg"}}))
     assert collect.not_continuable(fedavg) is None
+
+
+def test_an_unfinished_runs_checkpointed_client_states_come_with_it_and_replace_older_ones(tmp_path: Path) -> None:
+    import torch
+
+    source = write_run(tmp_path / "src" / "run", 7, "running")
+    torch.save({"round": 5}, source / "checkpoint.pt")  # killed after round 7; its last checkpoint: round 5
+    for partition, rounds in ((0, (3, 5, 7)), (1, (2, 6)), (2, (6,))):
+        (source / "client-state" / f"partition-{partition}").mkdir(parents=True)
+        for r in rounds:
+            (source / "client-state" / f"partition-{partition}" / f"round-{r}.npz").write_bytes(b"%d" % r)
+    target = write_run(tmp_path / "dst" / "run", 5, "running", checkpoint=True)
+    (target / "client-state" / "partition-1").mkdir(parents=True)
+    (target / "client-state" / "partition-1" / "round-1.npz").write_bytes(b"an older collection's")
+    collect.collect_run(source, target)
+    # per client the newest up to the checkpoint: what the resume reads (partition 2 first trained after it)
+    assert sorted(p.relative_to(target).as_posix() for p in (target / "client-state").rglob("*.npz")) == [
+        "client-state/partition-0/round-5.npz", "client-state/partition-1/round-2.npz"]
+    finished = write_run(tmp_path / "src" / "done", 9, "completed", checkpoint=True)
+    (finished / "client-state").mkdir()
+    collect.collect_run(finished, target)
+    assert not (target / "client-state").exists()  # a finished run needs none, like its checkpoint
 
 
 @pytest.mark.parametrize(("source_args", "target_args"), [

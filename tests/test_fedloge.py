@@ -21,6 +21,7 @@ from in_process import run_in_process, run_off_and_secagg
 from torch import nn
 
 from fedlt_app import client_app
+from fedlt_app.client_state import CLIENT_STATE_KEY, load_client_state
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods import get_method
 from fedlt_app.methods.fixed_classifier.fedloge import (
@@ -38,7 +39,7 @@ from fedlt_app.methods.fixed_classifier.fedloge import (
     sse_weight,
 )
 from fedlt_app.models import EncoderClassifier, build_model
-from fedlt_app.records import CLIENT_STATE_KEY, content_parameters, load_client_state
+from fedlt_app.records import content_parameters
 from fedlt_app.task import federated_data, initial_model
 from fedlt_app.train import LocalTraining, train_locally
 

@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from fedlt_app import client_app
+from fedlt_app.client_state import CLIENT_STATE_KEY, load_client_state, save_client_state
 from fedlt_app.config import resolve
 from fedlt_app.methods import get_method
 from fedlt_app.methods.base import ClientMethod, ClientReport
@@ -32,7 +33,6 @@ from fedlt_app.methods.representation.moon import (
     model_contrastive_loss,
 )
 from fedlt_app.models import EncoderClassifier, build_model
-from fedlt_app.records import CLIENT_STATE_KEY, load_client_state, save_client_state
 from fedlt_app.task import federated_data, initial_model
 from fedlt_app.train import LocalTraining, train_locally
 
@@ -309,24 +309,68 @@ def test_bad_moon_keys_fail_naming_the_key() -> None:
 # ---------------------------------------------------------------- through the real apps (in process)
 
 
-def test_moon_keeps_client_state_across_rounds_and_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    common = "method='moon' samples-per-class=60 imbalance-ratio=10.0 checkpoint-every=1"
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+# what a round computed, without the wall-clock fields
+_COMPUTED = ("accuracy", "tail_accuracy", "loss", "train_loss", "per_class_accuracy", "moon_clients_with_previous",
+             "moon_contrastive_loss")
+
+
+def test_moon_killed_mid_way_resumes_to_the_uninterrupted_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The clients' previous models survive a kill: each node continues from the file it wrote after the
+    checkpointed round, not from a later round the killed run had already trained (persist-client-state)."""
+    from fedlt_app import server_app
+
+    common = f"method='moon' samples-per-class=60 imbalance-ratio=10.0 checkpoint-every=2 output-dir='{tmp_path}'"
+    run_in_process(tmp_path, monkeypatch, f"{common} num-server-rounds=4 run-name='whole'", num_clients=2)
+    whole = _rows(tmp_path / "whole")
+    assert [r["moon_clients_with_previous"] for r in whole] == [0, 2, 2, 2]  # from round 2 both kept theirs
+
+    evaluate, evaluated = server_app.evaluate, []
+
+    def dies_in_round_3(*args, **kwargs):  # the server is killed after round 3's clients trained
+        evaluated.append(1)
+        if len(evaluated) == 3:
+            raise KeyboardInterrupt("killed")
+        return evaluate(*args, **kwargs)
+
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        patch.setattr(server_app, "evaluate", dies_in_round_3)
+        run_in_process(tmp_path, monkeypatch, f"{common} num-server-rounds=4 run-name='killed'", num_clients=2)
+    assert torch.load(killed / "checkpoint.pt", weights_only=False)["round"] == 2
+    assert sorted(p.name for p in (killed / "client-state" / "partition-0").iterdir()) == [
+        "round-2.npz", "round-3.npz"]  # round 3's state is newer than the checkpoint: a resume must not read it
+
+    run_in_process(tmp_path, monkeypatch, f"{common} num-server-rounds=4 resume-from='{killed}'", num_clients=2)
+    resumed = _rows(killed)
+    assert [r["round"] for r in resumed] == [1, 2, 3, 4]
+    for row, reference in zip(resumed, whole, strict=True):
+        assert {k: row[k] for k in _COMPUTED} == {k: reference[k] for k in _COMPUTED}, row["round"]
+    assert json.loads((killed / "summary.json").read_text())["status"] == "completed"
+    # round 3's stale file was overwritten when round 3 trained again; round 2's stays for the checkpoint that
+    # was on disk while round 4 trained, round 4's is the last checkpoint's
+    assert sorted(p.name for p in (killed / "client-state" / "partition-1").iterdir()) == [
+        "round-2.npz", "round-4.npz"]
+
+
+def test_moon_without_persisted_state_resumes_with_new_client_states(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    common = ("method='moon' samples-per-class=60 imbalance-ratio=10.0 checkpoint-every=1 "
+              "persist-client-state=false")
     run_dir = tmp_path / "out" / "moon"
-    code = run_in_process(tmp_path, monkeypatch,
-                          f"{common} num-server-rounds=2 output-dir='{tmp_path / 'out'}' run-name='moon'",
-                          num_clients=2)
-    assert code == 0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["round"] for r in rows] == [1, 2]
+    run_in_process(tmp_path, monkeypatch, f"{common} num-server-rounds=2 output-dir='{tmp_path / 'out'}' "
+                   "run-name='moon'", num_clients=2)
+    rows = _rows(run_dir)
     # round 1: no client has a previous model; round 2: both kept theirs on their node (context.state)
     assert [r["moon_clients_with_previous"] for r in rows] == [0, 2]
     assert rows[0]["moon_contrastive_loss"] == 0.0 and 0.0 < rows[1]["moon_contrastive_loss"] < 10.0
-    checkpoint = torch.load(run_dir / "checkpoint.pt", weights_only=False)
-    assert checkpoint["round"] == 2
+    assert not (run_dir / "client-state").exists()
 
-    code = run_in_process(tmp_path, monkeypatch, f"{common} num-server-rounds=3 resume-from='{run_dir}'", num_clients=2)
-    assert code == 0
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    run_in_process(tmp_path, monkeypatch, f"{common} num-server-rounds=3 resume-from='{run_dir}'", num_clients=2)
+    rows = _rows(run_dir)
     assert [r["round"] for r in rows] == [1, 2, 3]
-    assert rows[2]["moon_clients_with_previous"] == 0  # a resumed run is a new Flower run: new client states
+    assert rows[2]["moon_clients_with_previous"] == 0  # memory only: a new Flower run starts new client states
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"

@@ -242,16 +242,21 @@ def test_a_killed_sweep_resumes_and_reruns_the_partial_cell(tmp_path: Path) -> N
     assert set(res.runs) == set(names) and res.runs[names[2]].dir.name == f"{names[2]}-retry1"
 
 
-def test_an_interrupted_cell_with_a_checkpoint_continues_in_its_own_folder(tmp_path: Path) -> None:
+@pytest.mark.parametrize("moon_persisted", [True, False])
+def test_an_interrupted_cell_with_a_checkpoint_continues_in_its_own_folder(tmp_path: Path,
+                                                                          moon_persisted: bool) -> None:
     """A cell killed after a checkpoint resumes from it (same folder, resume-from) when its method keeps no client
-    state; a MOON cell (previous models on its nodes) re-runs from round 1 instead, as a resumed MOON run would
-    not be the uninterrupted one."""
+    state, or its clients wrote theirs to the run folder (persist-client-state); a MOON cell whose clients kept
+    their previous models in memory only (persist-client-state false, or a run from before the key:
+    test_collect) re-runs from round 1 instead, as its resume would not be the uninterrupted run."""
     spec = small_spec(grid={"method": ["fedavg", "moon"], "imbalance-ratio": [10.0]}, seeds=[0],
                       **{"row-overrides": {}})
     names = [c.name for c in sweep.expand(spec)]
     runs = tmp_path / "small" / "runs"
     for cell in sweep.expand(spec):  # both killed at round 5, after a checkpoint
         config = {**cell.run_config, "output-dir": str(runs), "run-name": cell.name}
+        if cell.run_config["method"] == "moon" and not moon_persisted:
+            config["persist-client-state"] = False
         write_run(runs / cell.name, config, rounds=5, finish=False)
         (runs / cell.name / "checkpoint.pt").write_bytes(b"round 5")
     seen: list[sweep.CellRun] = []
@@ -269,10 +274,14 @@ def test_an_interrupted_cell_with_a_checkpoint_continues_in_its_own_folder(tmp_p
     fedavg, moon = seen
     assert fedavg.run_name == names[0] and fedavg.run_config["resume-from"] == str(runs.resolve() / names[0])
     assert f"resume-from='{runs.resolve() / names[0]}'" in fedavg.run_config_arg
-    assert moon.run_name == f"{names[1]}-retry1" and "resume-from" not in moon.run_config
     assert any(f"continuing {names[0]} from its checkpoint" in line for line in lines)
     assert outcome.ok and report.completed_attempt(runs, names[0]) == runs / names[0]
-    assert report.completed_attempt(runs, names[1]) == runs / f"{names[1]}-retry1"
+    if moon_persisted:
+        assert moon.run_name == names[1] and moon.run_config["resume-from"] == str(runs.resolve() / names[1])
+        assert report.completed_attempt(runs, names[1]) == runs / names[1]
+    else:
+        assert moon.run_name == f"{names[1]}-retry1" and "resume-from" not in moon.run_config
+        assert report.completed_attempt(runs, names[1]) == runs / f"{names[1]}-retry1"
     calls: list[str] = []
     sweep.run_sweep(spec, tmp_path, runner=fake_runner(calls), log=quiet(), write_report=False)
     assert calls == []  # the continued run counts as the cell's (resume-from is not part of its identity)

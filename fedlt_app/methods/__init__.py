@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
+from fedlt_app.config import recorded_value
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, extend_nothing
 from fedlt_app.methods.decoupled.ccvr import CCVRClient, CCVRServer
 from fedlt_app.methods.decoupled.creff import CReFFClient, CReFFServer
@@ -86,9 +87,17 @@ METHODS: dict[str, Method] = {
 
 def keeps_client_state(name: str) -> bool:
     """Whether method ``name`` keeps arrays on its clients between rounds (``ClientMethod.state_to_keep``: MOON's
-    previous models, Fed-GraB's controllers, FedLoGe's local heads). A run of such a method continued with
-    ``resume-from`` starts that state afresh, so it does not replay the uninterrupted run exactly."""
+    previous models, Fed-GraB's controllers, FedLoGe's local heads)."""
     return get_method(name).client.state_to_keep is not ClientMethod.state_to_keep
+
+
+def resumes_exactly(run_config: Mapping[str, Any]) -> bool:
+    """Whether the run recorded with ``run_config`` (its config.json's), continued from its checkpoint, replays
+    the uninterrupted run: its method keeps nothing on its clients, or its clients wrote what they keep to the
+    run folder (``persist-client-state`` with checkpoints; runs from before the key kept it in memory only, and a
+    resume started it afresh)."""
+    return not keeps_client_state(str(recorded_value(run_config, "method"))) or bool(
+        recorded_value(run_config, "persist-client-state") and recorded_value(run_config, "checkpoint-every"))
 
 
 def get_method(name: str) -> Method:
@@ -99,4 +108,4 @@ def get_method(name: str) -> Method:
 
 
 __all__ = ["METHODS", "ClientMethod", "ClientReport", "Method", "Payload", "ServerMethod", "get_method",
-           "keeps_client_state"]
+           "keeps_client_state", "resumes_exactly"]

@@ -7,8 +7,8 @@ method means writing these hooks, never another training loop.
 A client method may also keep arrays *on its client* from one round to the
 next (MOON's previous local model; local heads): ``ClientMethod.state`` in,
 ``ClientMethod.state_to_keep`` out. The client app stores them in the node's
-Flower ``context.state`` (``fedlt_app.records.CLIENT_STATE_KEY``), so they
-never travel and never reach the server.
+Flower ``context.state`` and, in a run that checkpoints, in the run folder
+(``fedlt_app.client_state``), so they never travel and never reach the server.
 """
 
 from __future__ import annotations
@@ -53,13 +53,14 @@ class ClientMethod:
 
     ``payload`` is what the server's ``broadcast`` sent this round. ``state``
     is this node's persistent store: what ``state_to_keep`` returned the last
-    time this method trained on this node in this Flower run. It is empty the
-    first time a node trains, after a failed round (nothing is saved then),
-    and in a run continued with ``resume-from``: that is a new Flower run, so
-    every node starts a new state (the server's checkpoint cannot hold it;
-    in a deployment it never leaves the client). In simulation every node's
-    state lives in the simulation process's memory, so keep it small or
-    expect memory to grow with the number of clients.
+    time this method trained on this node (a failed round saves nothing), and
+    empty the first time it trains. A run continued with ``resume-from`` is a
+    new Flower run: there it comes from the file the node wrote after the last
+    round it trained in up to the checkpoint (``fedlt_app.client_state``,
+    ``persist-client-state``; in a deployment it never leaves the client), so
+    the resumed run replays the uninterrupted one. In simulation every node's
+    state lives in the simulation process's memory (and one or two files per
+    node on disk), so keep it small or expect both to grow with the clients.
     """
 
     def __init__(self, cfg: RunConfig, num_classes: int, payload: Payload, state: ClientState | None = None) -> None:
