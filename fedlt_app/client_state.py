@@ -93,6 +93,8 @@ class StateFiles:
         # run resumed from (a last-round checkpoint of the run it continues need not be a multiple)
         checkpointed = max((self.server_round - 1) // self.checkpoint_every * self.checkpoint_every,
                            self.resumed_after)
+        for stale in self.folder.glob("round-*.tmp.npz"):  # a write a kill interrupted (this node's only writer)
+            stale.unlink(missing_ok=True)
         rounds = self._rounds()
         needed = {self.server_round} | {max((r for r in rounds if r <= checkpointed), default=-1)}
         for r in rounds:

@@ -49,6 +49,26 @@ def test_killed_run_resumes_to_the_same_result(reference: Path, tmp_path: Path) 
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
 
 
+def test_killed_moon_run_resumes_with_its_clients_state_to_the_same_result(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """MOON keeps each client's previous model on its node: through Ray too, the clients write it to the run
+    folder (persist-client-state) and a resumed run's clients read the checkpointed round's."""
+    moon = "method='moon' samples-per-class=60 imbalance-ratio=10.0 checkpoint-every=2"
+    assert run_app(tmp_path, monkeypatch, f"{moon} num-server-rounds=4 output-dir='{tmp_path}' run-name='m'") == 0
+    run_dir = tmp_path / "k"
+    killed_at = kill_after_checkpoint(
+        tmp_path, f"{moon} num-server-rounds=4 output-dir='{tmp_path}' run-name='k'", run_dir, 2, limit=300)
+    assert killed_at == 2
+    assert sorted(p.name for p in (run_dir / "client-state").iterdir()) == ["partition-0", "partition-1",
+                                                                            "partition-2"]
+    code = launch.run(ROOT, f"{moon} num-server-rounds=4 resume-from='{run_dir}'", num_clients=3, cpus=1,
+                      gpus=0.0, timeout=600)
+    assert code == 0
+    resumed, reference = without_timing(rows(run_dir)), without_timing(rows(tmp_path / "m"))
+    assert [r["moon_clients_with_previous"] for r in reference] == [0, 3, 3, 3]
+    assert resumed == reference
+
+
 def test_failing_and_silent_clients_are_left_out(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     code = run_app(
         tmp_path,
