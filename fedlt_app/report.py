@@ -14,8 +14,9 @@ reads them and writes, next to them:
   ``table-medium.csv``, ``table-few.csv``: the same tables; ``runs.csv``: one
   line per cell with the numbers behind them;
 - ``plots/accuracy-<setting>.png``: accuracy per round of every row (method),
-  mean over seeds (the paper's Figure 2); ``plots/per-class-<setting>.png``:
-  last-round per-class accuracy bars per row; for a sweep with an
+  mean over seeds (the paper's Figure 2), with a zoom on the last half of the rounds for runs of 20 or more;
+  ``plots/per-class-<setting>.png``: per-class last-10-round accuracy, bars per row (a rows × classes map
+  beyond six rows); for a sweep with an
   ``ablation`` key, ``plots/ablation-<key>-<setting>.png`` (curves grouped by
   the ablated key, Figures 3-5) and, for numeric values,
   ``plots/ablation-<key>-final-<setting>.png`` (last-10 accuracy against it).
@@ -40,7 +41,7 @@ from typing import Any
 
 from fedlt_app.results import LAST_ROUNDS
 from fedlt_app.run_folder import completed, run_status
-from fedlt_app.run_plots import VALUE_NAMES, _figure, read_rounds
+from fedlt_app.run_plots import VALUE_NAMES, _figure, legend_outside, line_style, read_rounds
 
 DDOF = 1  # std over seeds: the sample standard deviation (n - 1); one seed shows no ±
 
@@ -575,51 +576,125 @@ def curves(
     return out
 
 
+ZOOM_FROM_ROUNDS = 20  # curves this long get a second panel with their last half, where methods settle
+MANY_LINES = 6  # above this many curves or bar groups the legend goes outside the axes (and bars become a map)
+
+
 def plot_curves(
     res: SweepResults, column: Sequence[str], metric: str = "accuracy",
     setting_keys: Sequence[str] | None = None, curve_keys: Sequence[str] | None = None, title: str = "",
 ):  # type: ignore[no-untyped-def]
-    """Accuracy per round, one curve per row (method), mean over seeds (the paper's Figure 2)."""
+    """Accuracy per round, one curve per row (method), mean over seeds (the paper's Figure 2).
+
+    Runs of 20 rounds or more get a right-hand panel with their last half, its y-axis fitted to what the
+    curves do there: the whole-run axis spans the first rounds' 10-30 %, which flattens the plateau where
+    methods are told apart into a few pixels.
+    """
     setting_keys = res.column_keys if setting_keys is None else list(setting_keys)
     curve_keys = res.row_keys if curve_keys is None else list(curve_keys)
-    fig, ax = _figure()
-    for curve, (xs, ys) in curves(res, setting_keys, column, curve_keys, metric).items():
-        ax.plot(xs, [100 * y for y in ys], label=res.label(curve_keys, curve, " / "))
+    drawn = curves(res, setting_keys, column, curve_keys, metric)
+    last_round = max((xs[-1] for xs, _ in drawn.values()), default=0)
+    zoom = last_round >= ZOOM_FROM_ROUNDS
+    many = len(drawn) > MANY_LINES
+    from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("communication round")
-    ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
-    ax.set_title(title or f"{res.name}: {res.label(setting_keys, column)} (mean over seeds)")
-    ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend()
+    fig = Figure(figsize=(8.0 + (5.5 if zoom else 0.0) + (3.0 if many else 0.0), 5.0), layout="constrained")
+    axes = fig.subplots(1, 2) if zoom else [fig.add_subplot()]
+    start = last_round // 2 + 1
+    for i, (curve, (xs, ys)) in enumerate(drawn.items()):
+        label = res.label(curve_keys, curve, " / ")
+        axes[0].plot(xs, [100 * y for y in ys], label=label, **line_style(i))
+        if zoom:
+            late = [(x, 100 * y) for x, y in zip(xs, ys, strict=True) if x >= start]
+            if late:
+                axes[1].plot(*zip(*late, strict=True), **line_style(i))
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("communication round")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel(f"{metric.replace('_', ' ')} (%)")
+    if zoom:
+        axes[1].set_title(f"rounds {start}-{last_round}", fontsize="medium")
+    fig.suptitle(title or f"{res.name}: {res.label(setting_keys, column)} (mean over seeds)")
+    if many:
+        legend_outside(fig, axes[0])
+    elif axes[0].lines:
+        axes[0].legend()
     return fig
 
 
-def plot_per_class(res: SweepResults, column: Sequence[str]):  # type: ignore[no-untyped-def]
-    """Last-round per-class accuracy, grouped bars per class, one bar per row (method), mean over seeds."""
-    bars: dict[tuple[str, ...], list[float]] = {}
+def per_class_means(res: SweepResults, column: Sequence[str]) -> dict[tuple[str, ...], list[float]]:
+    """Per row (method): each class's last-10-round mean accuracy (the tables' statistic), mean over seeds."""
+    out: dict[tuple[str, ...], list[float]] = {}
     for row in res.rows:
         runs = [res.runs[c["name"]] for c in res.cells_at((res.row_keys, row), (res.column_keys, column))
                 if c["name"] in res.runs and res.runs[c["name"]].rounds]
-        if runs:
-            per_class = [r.rounds[-1]["per_class_accuracy"] for r in runs]
-            bars[row] = [sum(v) / len(v) for v in zip(*per_class, strict=False)]
-    num_classes = max((len(v) for v in bars.values()), default=0)
-    fig, ax = _figure(width=min(30.0, max(8.0, 0.35 * num_classes * max(1, len(bars)) / 3)))
-    width = 0.8 / max(1, len(bars))
-    for i, (row, values) in enumerate(bars.items()):
-        xs = [c + (i - (len(bars) - 1) / 2) * width for c in range(len(values))]
-        ax.bar(xs, [100 * v for v in values], width=width, label=res.row_label(row))
-    ax.set_xlabel("class (0 = head; the long-tail profile shrinks later classes)")
-    ax.set_ylabel("last-round accuracy (%)")
+        per_run = []
+        for run in runs:
+            last = [r["per_class_accuracy"] for r in run.rounds[-LAST_ROUNDS:] if r.get("per_class_accuracy")]
+            if last:
+                per_run.append([sum(v) / len(v) for v in zip(*last, strict=True)])
+        if per_run:
+            out[row] = [sum(v) / len(v) for v in zip(*per_run, strict=False)]
+    return out
+
+
+def class_counts_of(res: SweepResults, column: Sequence[str]) -> list[int] | None:
+    """The training count of each class (``config.json``'s ``class_counts``) of the column's runs, if recorded."""
+    for c in res.cells_at((res.column_keys, column)):
+        run = res.runs.get(c["name"])
+        if run is not None and run.config.get("class_counts"):
+            return [int(n) for n in run.config["class_counts"]]
+    return None
+
+
+def plot_per_class(res: SweepResults, column: Sequence[str]):  # type: ignore[no-untyped-def]
+    """Per-class accuracy (last-10-round mean, mean over seeds) of every row (method).
+
+    Up to six rows: grouped bars per class. More: a rows × classes map with each value written in its cell,
+    since seventeen bars per class are too thin to tell apart and a map reads row by row like the tables.
+    """
+    values = per_class_means(res, column)
+    num_classes = max((len(v) for v in values.values()), default=0)
+    counts = class_counts_of(res, column)
+    class_labels = [f"{c}\n({counts[c]:,})" if counts and c < len(counts) else str(c) for c in range(num_classes)]
+    title = (f"{res.name}: per-class accuracy, last-{LAST_ROUNDS}-round mean, {res.column_label(column)}"
+             " (mean over seeds)")
+    if len(values) > MANY_LINES and num_classes <= 30:
+        return _per_class_map(res, values, class_labels, title)
+    fig, ax = _figure(width=min(30.0, max(8.0, 0.35 * num_classes * max(1, len(values)) / 3)))
+    width = 0.8 / max(1, len(values))
+    for i, (row, row_values) in enumerate(values.items()):
+        xs = [c + (i - (len(values) - 1) / 2) * width for c in range(len(row_values))]
+        ax.bar(xs, [100 * v for v in row_values], width=width, label=res.row_label(row), color=f"C{i % 10}")
+    ax.set_xlabel("class (training images; 0 = head, the long-tail profile shrinks later classes)")
+    ax.set_ylabel(f"last-{LAST_ROUNDS}-round accuracy (%)")
     if num_classes <= 30:
-        ax.set_xticks(range(num_classes))
-    ax.set_title(f"{res.name}: per-class accuracy, {res.column_label(column)} (mean over seeds)")
+        ax.set_xticks(range(num_classes), labels=class_labels)
+    ax.set_title(title)
     ax.grid(alpha=0.3, axis="y")
-    if bars:
+    if values:
         ax.legend(fontsize="small")
+    return fig
+
+
+def _per_class_map(res: SweepResults, values: Mapping[tuple[str, ...], list[float]], class_labels: list[str],
+                   title: str):  # type: ignore[no-untyped-def]
+    rows = list(values)
+    grid = [[100 * v for v in values[row]] + [math.nan] * (len(class_labels) - len(values[row])) for row in rows]
+    fig, ax = _figure(width=max(8.0, 3.5 + 0.8 * len(class_labels)), height=max(4.0, 1.2 + 0.38 * len(rows)))
+    image = ax.imshow(grid, cmap="viridis", vmin=0.0, vmax=100.0, aspect="auto")
+    for r, line in enumerate(grid):
+        for c, v in enumerate(line):
+            if not math.isnan(v):
+                ax.text(c, r, f"{v:.0f}", ha="center", va="center", fontsize="small",
+                        color="black" if v >= 60 else "white")
+    ax.set_xticks(range(len(class_labels)), labels=class_labels)
+    ax.set_yticks(range(len(rows)), labels=[res.row_label(row) for row in rows])
+    ax.set_xlabel("class (training images; 0 = head, the long-tail profile shrinks later classes)")
+    ax.set_title(title)
+    fig.colorbar(image, ax=ax, label="accuracy (%)")
     return fig
 
 

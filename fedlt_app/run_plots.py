@@ -130,6 +130,23 @@ def _figure(width: float = 8.0, height: float = 5.0):  # type: ignore[no-untyped
     return fig, fig.add_subplot()
 
 
+LINE_STYLES = ("-", "--", ":", "-.")
+
+
+def line_style(index: int) -> dict[str, Any]:
+    """Colour and dash of the ``index``-th curve of a figure: matplotlib's ten default colours, then the same
+    colours dashed, dotted, ...; so a figure of up to 40 curves never draws two alike (a sweep's table has
+    more than ten methods, and the default cycle repeats its colours after ten)."""
+    return {"color": f"C{index % 10}", "linestyle": LINE_STYLES[(index // 10) % len(LINE_STYLES)]}
+
+
+def legend_outside(fig: Any, ax: Any) -> None:
+    """One legend for the figure, to the right of its axes, where it cannot hide a curve or a bar."""
+    handles, labels = ax.get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, loc="outside right upper", fontsize="small")
+
+
 def _series(run: RunData, metric: str) -> tuple[list[int], list[float]]:
     """(rounds, percent) of ``metric``, skipping rounds where it is null."""
     rows = [r for r in run.rounds if r.get(metric) is not None]
@@ -268,16 +285,19 @@ def plot_overlay(runs: Sequence[RunData]) -> Any:
     """Balanced (left) and tail (right) accuracy per round of several runs, labelled by run folder."""
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(13.0, 5.0), layout="constrained")
+    fig = Figure(figsize=(13.0 + (2.5 if len(runs) > 4 else 0.0), 5.0), layout="constrained")
     axes = fig.subplots(1, 2, sharey=True)
     for ax, metric, title in zip(axes, ("accuracy", "tail_accuracy"), ("balanced accuracy", "tail accuracy"),
                                  strict=True):
-        for run in runs:
-            ax.plot(*_series(run, metric), label=run.dir.name)
+        for i, run in enumerate(runs):
+            ax.plot(*_series(run, metric), label=run.dir.name, **line_style(i))
         _round_axis(ax, runs[0])
         ax.set_title(title)
     axes[0].set_ylabel("accuracy (%)")
-    axes[0].legend(fontsize="small")
+    if len(runs) > 4:
+        legend_outside(fig, axes[0])
+    else:
+        axes[0].legend(fontsize="small")
     return fig
 
 

@@ -613,3 +613,62 @@ def test_table_says_where_its_runs_computed(tmp_path: Path) -> None:
 def test_the_written_table_lists_the_machines(paired_sweep: Path) -> None:
     text = (paired_sweep / "table.md").read_text()
     assert "## Machines" in text and report.NOT_RECORDED in text  # fake runs record no machine
+
+
+def test_per_class_means_are_the_tables_last_ten_round_means(fixture_sweep: Path) -> None:
+    """The per-class figure shows the statistic the tables show (last-10-round mean, then mean over seeds),
+    not the last round alone."""
+    res = report.load(fixture_sweep)
+    values = report.per_class_means(res, ["10"])
+    expected = []
+    for seed in (0, 1, 2):
+        path = fixture_sweep / "runs" / f"method-fedprox__imbalance-ratio-10__seed-{seed}" / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        expected.append([statistics.mean(r["per_class_accuracy"][c] for r in rows[-10:]) for c in range(10)])
+    assert values[("fedprox",)] == pytest.approx([statistics.mean(v) for v in zip(*expected, strict=True)])
+    last_round_mean = statistics.mean(json.loads(
+        (fixture_sweep / "runs" / f"method-fedprox__imbalance-ratio-10__seed-{s}" / "metrics.jsonl")
+        .read_text().splitlines()[-1])["per_class_accuracy"][0] for s in (0, 1, 2))
+    assert values[("fedprox",)][0] != pytest.approx(last_round_mean)  # the fixture's accuracy rises every round
+    assert report.class_counts_of(res, ["10"]) == [600, 359, 215, 129, 77, 46, 27, 16, 9, 6]
+
+
+def many_methods_sweep(root: Path, methods: int, rounds: int) -> report.SweepResults:
+    """A finished one-seed sweep of ``methods`` rows (FedProx at different μ, each its own row label)."""
+    spec = sweep.parse_spec({
+        "name": "many", "base": {"num-server-rounds": rounds, "samples-per-class": 50}, "num-clients": 3,
+        "rows": "prox-mu", "grid": {"method": ["fedprox"], "prox-mu": [0.001 * (i + 1) for i in range(methods)]},
+        "seeds": [0],
+    })
+    sweep.run_sweep(spec, root, runner=fake_runner(), log=quiet())
+    return report.load(root / "many")
+
+
+def test_sweep_plots_stay_readable_with_many_methods(tmp_path: Path) -> None:
+    """Past six rows the legend leaves the axes and per-class bars become a rows × classes map; runs of 20
+    rounds or more get a panel with their last half."""
+    few = many_methods_sweep(tmp_path / "few", methods=3, rounds=12)
+    fig = report.plot_curves(few, few.columns[0])
+    assert len(fig.axes) == 1 and fig.axes[0].get_legend() is not None and not fig.legends
+    assert not report.plot_per_class(few, few.columns[0]).axes[0].images  # bars
+
+    many = many_methods_sweep(tmp_path / "many", methods=12, rounds=24)
+    fig = report.plot_curves(many, many.columns[0])
+    whole, late = fig.axes
+    assert len(whole.lines) == len(late.lines) == 12 and len(fig.legends) == 1
+    assert [int(x) for x in late.lines[0].get_xdata()] == list(range(13, 25))
+    styles = {(line.get_color(), line.get_linestyle()) for line in whole.lines}
+    assert len(styles) == 12  # the default colour cycle repeats after ten
+    per_class = report.plot_per_class(many, many.columns[0])
+    (image,) = per_class.axes[0].images
+    values = report.per_class_means(many, many.columns[0])
+    assert image.get_array().shape == (12, 10)
+    assert image.get_array()[3][7] == pytest.approx(100 * values[many.rows[3]][7])
+    assert per_class.axes[0].get_xticklabels()[0].get_text() == "0\n(600)"
+
+
+def test_line_styles_differ_for_forty_curves() -> None:
+    from fedlt_app.run_plots import line_style
+
+    styles = [tuple(line_style(i).values()) for i in range(40)]
+    assert len(set(styles)) == 40
