@@ -15,6 +15,7 @@ starts it afresh.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,7 +38,7 @@ _OPTIMIZER_ATTRIBUTES = ("current_arrays", "momentum_vector", "m_t", "v_t")
 RESUMABLE_CHANGES = frozenset(
     {"resume-from", "run-name", "output-dir", "num-server-rounds", "checkpoint-every", "round-timeout",
      "max-failure-fraction", "persist-client-state", "wandb-mode", "wandb-project", "device",
-     "debug-fail-partitions", "debug-hang-partitions", "pictures"}
+     "debug-fail-partitions", "debug-hang-partitions", "debug-pause-after-checkpoint", "pictures"}
 )
 
 
@@ -72,8 +73,16 @@ def _save_atomically(path: Path, state: dict[str, Any]) -> Path:
     return path
 
 
-def save_checkpoint(run_dir: Path, state: dict[str, Any]) -> Path:
-    return _save_atomically(run_dir / CHECKPOINT_FILE, state)
+def save_checkpoint(run_dir: Path, state: dict[str, Any], pause_after: float = 0.0) -> Path:
+    """Write ``checkpoint.pt`` atomically, then wait ``pause_after`` seconds (``debug-pause-after-checkpoint``).
+
+    The pause is fault injection: a test that kills a run once a checkpoint appears would otherwise race rounds
+    that take a tenth of a second, and could find the run already past the round it meant to resume from.
+    """
+    path = _save_atomically(run_dir / CHECKPOINT_FILE, state)
+    if pause_after > 0:
+        time.sleep(pause_after)
+    return path
 
 
 def save_final_model(run_dir: Path, state: Mapping[str, torch.Tensor], run_config: dict[str, Any],

@@ -410,6 +410,8 @@ SCHEMA: tuple[Option, ...] = (
            optional_class_list),
     Option("debug-hang-partitions", str, "", "fault injection: these partition ids stall past round-timeout",
            optional_class_list),
+    Option("debug-pause-after-checkpoint", float, 0.0, "fault injection: the ServerApp waits this many seconds "
+           "after writing each checkpoint, so that a test can kill the run at a known round", at_least(0.0)),
     Option("al-method", str, "none", "active learning: none (plain federated training), fairfal, random, entropy",
            one_of("none", *AL_METHODS)),
     Option("al-query-ratio", float, 0.05, "labeled ratio of the first cycle and added by every query",
@@ -603,6 +605,7 @@ class RunConfig:
     persist_client_state: bool
     debug_fail_partitions: str
     debug_hang_partitions: str
+    debug_pause_after_checkpoint: float
     al_method: str
     al_query_ratio: float
     al_end_ratio: float

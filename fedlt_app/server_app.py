@@ -165,7 +165,8 @@ def main(grid: Grid, context: Context) -> None:
                 save_final_model(run_dir, evaluated.travelling_state(), cfg.as_dict(), num_clients,
                                  current.server_round)
             if cfg.checkpoint_every and (current.server_round % cfg.checkpoint_every == 0 or last):
-                save_checkpoint(run_dir, checkpoint_state(strategy, cfg, current.server_round, arrays))
+                save_checkpoint(run_dir, checkpoint_state(strategy, cfg, current.server_round, arrays),
+                                pause_after=cfg.debug_pause_after_checkpoint)
             return MetricRecord({"accuracy": result.accuracy, "tail-accuracy": result.tail_accuracy,
                                  "loss": result.loss})
 

@@ -48,15 +48,18 @@ def without_timing(rows: list[dict]) -> list[dict]:
 
 
 def kill_after_checkpoint(tmp: Path, run_config: str, run_dir: Path, at_round: int, num_clients: int = 3,
-                          limit: float = 600) -> int:
+                          limit: float = 600, pause: float = 5.0) -> int:
     """``fedlt-run`` in a subprocess (FLWR_HOME under ``tmp``), stopped with SIGTERM as soon as ``run_dir``
     holds a checkpoint of round ``at_round`` or later; returns the round the checkpoint holds then.
 
-    The launcher takes the SuperLink and the ServerApp down with it, as a crash or a pre-empted job would.
+    The launcher takes the SuperLink and the ServerApp down with it, as a crash or a pre-empted job would. The
+    ServerApp waits ``pause`` seconds after each checkpoint (``debug-pause-after-checkpoint``): small test rounds
+    take a tenth of a second, and without the window the run finished before the SIGTERM reached it.
     """
     env = {**os.environ, "FLWR_HOME": str(tmp / "flwr-home")}
+    run_config = f"{without_pictures(run_config)} debug-pause-after-checkpoint={pause}"
     command = [sys.executable, "-m", "fedlt_app.launch", str(ROOT), "--num-clients", str(num_clients),
-               "--run-config", without_pictures(run_config)]
+               "--run-config", run_config]
     launcher = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     checkpoint = run_dir / "checkpoint.pt"
     deadline = time.monotonic() + limit
@@ -65,7 +68,7 @@ def kill_after_checkpoint(tmp: Path, run_config: str, run_dir: Path, at_round: i
             if checkpoint.exists() and torch.load(checkpoint, weights_only=False)["round"] >= at_round:
                 break
             assert launcher.poll() is None, "the run ended before it could be killed"
-            time.sleep(0.5)
+            time.sleep(0.1)
         launcher.send_signal(signal.SIGTERM)
         assert launcher.wait(timeout=60) != 0
     finally:

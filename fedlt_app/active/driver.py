@@ -288,7 +288,7 @@ def run_active_learning(grid: Grid, context: Context, cfg: RunConfig) -> None:
                                        [*finished.final_arrays, {k: a.numpy() for k, a in previous.items()}],
                                        [*finished.digests, digests], torch.get_rng_state())
             if cfg.checkpoint_every:
-                save_checkpoint(run_dir, finished.state(cfg))
+                save_checkpoint(run_dir, finished.state(cfg), pause_after=cfg.debug_pause_after_checkpoint)
             if cycle == plan.num_cycles - 1:  # the last cycle's model, as the federated runs keep theirs
                 save_final_model(run_dir, strategy.server_method.evaluation_model(model).travelling_state(),
                                  cfg.as_dict(), num_clients, rounds_done)
