@@ -23,7 +23,8 @@ a run is half done, so what the clone computed must reach the repository:
   they did not write it (``persist-client-state`` off, or a run from before the
   key), so ``fedlt-sweep`` re-runs such a cell from round 1.
 
-A run already here with at least as many rounds (or cycles) is kept. Then the
+A run already here with at least as many rounds (or cycles) is kept; the first
+runs of a sweep new to this checkout bring its ``sweep.json`` and ``cells.jsonl``. Then the
 tables the copied runs belong to are rewritten: ``fedlt-sweep SPEC --report-only``
 for a sweep's cells (``runs/`` next to its ``sweep.json``), the comparison's
 ``--report-only`` for FairFAL runs (``<preset>-<method>-seed<K>``).
@@ -126,6 +127,15 @@ def collect_run(source: Path, target: Path, dry_run: bool = False) -> Collected 
     return Collected(target, finished, _records(source))
 
 
+def adopt_sweep_manifest(source_sweep: Path, target_sweep: Path) -> None:
+    """A sweep this checkout has no results of yet: bring its ``sweep.json`` (which names the sweep file the
+    tables are rewritten from) and ``cells.jsonl`` (the cells' outcomes) with its first runs."""
+    if (source_sweep / "sweep.json").is_file() and not (target_sweep / "sweep.json").exists():
+        for name in ("sweep.json", "cells.jsonl"):
+            if (source_sweep / name).is_file():
+                shutil.copy2(source_sweep / name, target_sweep / name)
+
+
 def _rewrite_reports(root: Path, copied: Sequence[Collected]) -> None:
     # imported here: collecting and --dry-run need neither torch nor the report code
     from fedlt_app import sweep
@@ -170,6 +180,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             continue
         if (c := collect_run(run, root / run.relative_to(source), args.dry_run)) is not None:
             copied.append(c)
+            if not args.dry_run:
+                adopt_sweep_manifest(run.parent.parent, c.run.parent.parent)
     for c in copied:
         state = "finished" if c.finished else f"unfinished: {c.records} records and its checkpoint"
         print(f"collect: {c.run.relative_to(root)} ({state})")

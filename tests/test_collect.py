@@ -131,6 +131,23 @@ def test_main_copies_and_rewrites_the_tables_the_runs_belong_to(tmp_path: Path, 
     assert sweeps == [] and "collect: nothing new" in capsys.readouterr().out
 
 
+def test_the_first_runs_of_a_new_sweep_bring_its_manifest_so_its_tables_are_written(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    write_run(src / "results/new/runs/a__seed-0", 3, "completed")
+    write_run(src / "results/new/runs/b__seed-0", 1, "running")  # no checkpoint: left out
+    (src / "results/new/sweep.json").write_text(json.dumps({"source": "conf/sweeps/new.yaml"}))
+    (src / "results/new/cells.jsonl").write_text('{"cell": "a__seed-0"}\n')
+    (dst / "results").mkdir(parents=True)
+    sweeps: list[list[str]] = []
+    monkeypatch.setattr(sweep, "main", lambda argv: sweeps.append(argv) or 0)
+
+    assert collect.main([str(src), "--into", str(dst)]) == 0
+    assert (dst / "results/new/sweep.json").read_text() == (src / "results/new/sweep.json").read_text()
+    assert (dst / "results/new/cells.jsonl").read_text() == (src / "results/new/cells.jsonl").read_text()
+    assert sweeps == [[str(dst / "conf/sweeps/new.yaml"), "--output", str(dst / "results"), "--report-only"]]
+
+
 def test_main_refuses_a_folder_without_results(tmp_path: Path) -> None:
     with pytest.raises(SystemExit):
         collect.main([str(tmp_path), "--into", str(tmp_path / "elsewhere")])
