@@ -164,6 +164,9 @@ SCHEMA: tuple[Option, ...] = (
     Option("server-opt", str, "fedavg", "server optimizer on the averaged update (Flower's FedAvgM / FedAdam)",
            one_of(*SERVER_OPTS)),
     Option("server-momentum", float, 0.9, "FedAvgM's server momentum (server-opt=fedavgm)", in_range(0.0, 1.0)),
+    Option("swa-start", int, 0, "server-side weight averaging: from this round on the server evaluates (and saves) "
+           "the running mean of the networks it evaluated since, while training continues from the latest global "
+           "model (0 = off; fedlt_app/swa.py)", at_least(0)),
     Option("focal-gamma", float, 2.0, "Fed-Focal's focusing parameter gamma", at_least(0.0)),
     Option("fedlc-tau", float, 1.0,
            "FedLC's calibration strength tau: logits z_c - tau * n_c^(-1/4) with the client's own class counts "
@@ -492,6 +495,7 @@ class RunConfig:
     server_lr: float
     server_opt: str
     server_momentum: float
+    swa_start: int
     focal_gamma: float
     fedlc_tau: float
     moon_mu: float
@@ -789,6 +793,11 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
             raise ConfigError(f"clients-per-round: method='rucr' with secure-aggregation='secagg' needs every client "
                               f"in every round (clients-per-round=0; got {values['clients_per_round']}): its "
                               "prototypes are the cohort's class means, and the masked sums run over all clients")
+    if values["swa_start"] > values["num_server_rounds"]:
+        raise ConfigError(f"swa-start: round {values['swa_start']} is past num-server-rounds="
+                          f"{values['num_server_rounds']}; nothing would be averaged (0 turns it off)")
+    if values["swa_start"] and values["al_method"] != "none":
+        raise ConfigError("swa-start: weight averaging is for plain federated runs, not active learning (al-method)")
     if values["al_method"] != "none" and round(values["al_query_ratio"], 2) > values["al_end_ratio"]:
         raise ConfigError(
             f"al-end-ratio: {values['al_end_ratio']} is below the first labeled ratio "

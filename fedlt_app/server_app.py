@@ -38,18 +38,21 @@ from fedlt_app.precision import precision_for
 from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
 from fedlt_app.secagg.flower_server import SecureRounds
 from fedlt_app.strategy import FedLTStrategy, masked_metrics, server_optimizer
+from fedlt_app.swa import WeightAverage
 from fedlt_app.task import initial_model, resolve_device
 
 app = ServerApp()
 
 
-def checkpoint_state(strategy: FedLTStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord) -> dict:
+def checkpoint_state(strategy: FedLTStrategy, cfg: RunConfig, server_round: int, arrays: ArrayRecord,
+                     weight_average: WeightAverage) -> dict:
     return {
         "round": server_round,
         "run_config": cfg.as_dict(),
         "arrays": {key: array.numpy() for key, array in arrays.items()},
         "optimizer": optimizer_state(strategy.inner),
         "method": strategy.server_method.state_dict(),
+        "swa": weight_average.state_dict(),
         "torch_rng": torch.get_rng_state(),
     }
 
@@ -61,7 +64,8 @@ def round_plan(server: type[ServerMethod], cfg: RunConfig, server_round: int) ->
             **server.round_plan(cfg, server_round)}
 
 
-def restore(strategy: FedLTStrategy, cfg: RunConfig, run_dir: Path) -> tuple[int, ArrayRecord]:
+def restore(strategy: FedLTStrategy, cfg: RunConfig, run_dir: Path,
+            weight_average: WeightAverage) -> tuple[int, ArrayRecord]:
     """Load a checkpoint into the strategy; returns the last finished round and the arrays it ended with.
 
     Those arrays, not the model's copy, start the resumed run: a server optimizer's output may be
@@ -76,6 +80,8 @@ def restore(strategy: FedLTStrategy, cfg: RunConfig, run_dir: Path) -> tuple[int
     strategy.global_model.load_travelling_state(arrays.to_torch_state_dict())
     restore_optimizer_state(strategy.inner, state["optimizer"])
     strategy.server_method.load_state_dict(state["method"])
+    if "swa" in state:  # checkpoints from before swa-start existed hold none (and ran without it)
+        weight_average.load_state_dict(state["swa"], next(strategy.global_model.parameters()).device)
     torch.set_rng_state(state["torch_rng"])
     return int(state["round"]), arrays
 
@@ -109,11 +115,12 @@ def main(grid: Grid, context: Context) -> None:
                 if cfg.secure_aggregation == "secagg" else None),
         query_timeout=cfg.round_timeout,
     )
+    weight_average = WeightAverage(cfg.swa_start)
     done = 0
     initial_arrays = ArrayRecord(model.travelling_state())
     if cfg.resume_from:
         run_dir = Path(cfg.resume_from).expanduser()
-        done, initial_arrays = restore(strategy, cfg, run_dir)
+        done, initial_arrays = restore(strategy, cfg, run_dir, weight_average)
         strategy.round_offset = done
         log(INFO, "[fedlt] resuming %s after round %d", run_dir, done)
     else:
@@ -138,6 +145,12 @@ def main(grid: Grid, context: Context) -> None:
                 strategy.query_statistics(grid, arrays, model, cfg.round_timeout)
             evaluation_started = time.perf_counter()
             evaluated = strategy.server_method.evaluation_model(model)
+            unaveraged = {}
+            if weight_average.active(current.server_round):  # swa-start: evaluate the mean, log the latest too
+                latest = evaluate(evaluated, test_images, test_labels, cfg.dataset, tail, data.class_counts,
+                                  precision=precision)
+                unaveraged = {"unaveraged_accuracy": latest.accuracy, "unaveraged_tail_accuracy": latest.tail_accuracy}
+                evaluated = weight_average.update(evaluated)
             result = evaluate(evaluated, test_images, test_labels, cfg.dataset, tail, data.class_counts,
                               precision=precision)
             record = {
@@ -156,6 +169,8 @@ def main(grid: Grid, context: Context) -> None:
                 "failed_clients": current.failed,
                 **current.personalised_metrics(),  # methods with personal parts (FedETF, FedNH, FedLoGe)
                 **strategy.server_method.round_metrics(),
+                **weight_average.round_metrics(),
+                **unaveraged,
             }
             recorder.log_round(record)
             log(INFO, "[fedlt] round %d/%d  accuracy %.4f  tail %.4f  loss %.4f  (%.1f s)", current.server_round,
@@ -165,7 +180,7 @@ def main(grid: Grid, context: Context) -> None:
                 save_final_model(run_dir, evaluated.travelling_state(), cfg.as_dict(), num_clients,
                                  current.server_round)
             if cfg.checkpoint_every and (current.server_round % cfg.checkpoint_every == 0 or last):
-                save_checkpoint(run_dir, checkpoint_state(strategy, cfg, current.server_round, arrays),
+                save_checkpoint(run_dir, checkpoint_state(strategy, cfg, current.server_round, arrays, weight_average),
                                 pause_after=cfg.debug_pause_after_checkpoint)
             return MetricRecord({"accuracy": result.accuracy, "tail-accuracy": result.tail_accuracy,
                                  "loss": result.loss})

@@ -33,6 +33,7 @@ from fedlt_app.methods import get_method
 from fedlt_app.results import RunRecorder
 from fedlt_app.server_app import checkpoint_state, restore, round_plan
 from fedlt_app.strategy import ClientFailures
+from fedlt_app.swa import WeightAverage
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # tests/conftest.py: Messages need a run identity
 
@@ -158,10 +159,12 @@ def test_restore_checks_the_schedule_of_the_finished_rounds(tmp_path: Path) -> N
     strategy = make_strategy()
     saved = resolve({**decayed, "num-server-rounds": 4})
     arrays = ArrayRecord(strategy.global_model.travelling_state())
-    save_checkpoint(tmp_path, checkpoint_state(strategy, saved, 4, arrays))  # finished; round 4 (past 2 of 4) decayed
+    # finished; round 4 (past 2 of 4) decayed
+    save_checkpoint(tmp_path, checkpoint_state(strategy, saved, 4, arrays, WeightAverage(0)))
     with pytest.raises(ValueError, match="num-server-rounds 4 -> 8 changes round 4"):  # decays past 4 of 8
-        restore(make_strategy(), resolve({**decayed, "num-server-rounds": 8}), tmp_path)
-    assert restore(make_strategy(), resolve({**decayed, "num-server-rounds": 5}), tmp_path)[0] == 4  # past 2 of 5
+        restore(make_strategy(), resolve({**decayed, "num-server-rounds": 8}), tmp_path, WeightAverage(0))
+    done, _ = restore(make_strategy(), resolve({**decayed, "num-server-rounds": 5}), tmp_path, WeightAverage(0))
+    assert done == 4  # past 2 of 5
 
 
 def test_checkpoint_write_is_atomic(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from fedlt_app.models import EncoderClassifier
 from fedlt_app.secagg.flower_server import SecureRounds
 from fedlt_app.server_app import checkpoint_state, restore
 from fedlt_app.strategy import FedLTStrategy, server_optimizer
+from fedlt_app.swa import WeightAverage
 
 
 def _strategy(cfg: RunConfig) -> FedLTStrategy:
@@ -60,9 +61,9 @@ def test_a_resumed_secure_run_continues_bit_for_bit(task_identity, tmp_path: Pat
 
     first = _strategy(cfg)
     arrays = _rounds(first, model_arrays(first), 2)
-    save_checkpoint(tmp_path, checkpoint_state(first, cfg, 2, arrays))
+    save_checkpoint(tmp_path, checkpoint_state(first, cfg, 2, arrays, WeightAverage(0)))
     resumed = _strategy(cfg)
-    resumed.round_offset, restored = restore(resumed, cfg, tmp_path)  # as the ServerApp does
+    resumed.round_offset, restored = restore(resumed, cfg, tmp_path, WeightAverage(0))  # as the ServerApp does
     assert resumed.round_offset == 2
     got = _rounds(resumed, restored, 1)  # the ServerApp starts from the checkpointed arrays
 
