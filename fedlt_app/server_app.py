@@ -33,7 +33,8 @@ from fedlt_app.discovery import discover_clients
 from fedlt_app.generative.phase import generate_on_clients
 from fedlt_app.methods import get_method
 from fedlt_app.methods.base import ServerMethod
-from fedlt_app.metrics import evaluate
+from fedlt_app.metrics import Evaluation, evaluate
+from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import precision_for
 from fedlt_app.results import RunRecorder, federation_info, pictures_line, run_directory
 from fedlt_app.secagg.flower_server import SecureRounds
@@ -136,6 +137,10 @@ def main(grid: Grid, context: Context) -> None:
     with RunRecorder(cfg, run_dir, info, resume_after=done if cfg.resume_from else None,
                      pictures=cfg.pictures) as recorder:
 
+        def evaluate_on_test(network: EncoderClassifier) -> Evaluation:
+            return evaluate(network, test_images, test_labels, cfg.dataset, tail, data.class_counts,
+                            precision=precision)
+
         def evaluate_global(_: int, arrays: ArrayRecord) -> MetricRecord | None:
             current = strategy.current
             if current is None:  # Flower's round-0 call: the initial (or resumed) model, not a round
@@ -147,12 +152,10 @@ def main(grid: Grid, context: Context) -> None:
             evaluated = strategy.server_method.evaluation_model(model)
             unaveraged = {}
             if weight_average.active(current.server_round):  # swa-start: evaluate the mean, log the latest too
-                latest = evaluate(evaluated, test_images, test_labels, cfg.dataset, tail, data.class_counts,
-                                  precision=precision)
+                latest = evaluate_on_test(evaluated)
                 unaveraged = {"unaveraged_accuracy": latest.accuracy, "unaveraged_tail_accuracy": latest.tail_accuracy}
                 evaluated = weight_average.update(evaluated)
-            result = evaluate(evaluated, test_images, test_labels, cfg.dataset, tail, data.class_counts,
-                              precision=precision)
+            result = evaluate_on_test(evaluated)
             record = {
                 "round": current.server_round,
                 **result.as_dict(),
