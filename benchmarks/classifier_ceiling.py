@@ -45,12 +45,13 @@ import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from fedlt_app.checkpoint import load_checkpoint
-from fedlt_app.config import resolve
+from fedlt_app.checkpoint import load_checkpoint, load_final_model
+from fedlt_app.config import RunConfig, resolve
 from fedlt_app.configured_data import federated_data
-from fedlt_app.data.federated import first_per_class
+from fedlt_app.data.federated import FederatedData, first_per_class
 from fedlt_app.data.longtail import tail_classes
 from fedlt_app.data.transforms import to_float
+from fedlt_app.models import EncoderClassifier
 from fedlt_app.task import method_model
 
 PROBES = ("global head", "post-hoc LA", "NCM", "balanced re-train (LT data)", "oracle re-train (balanced data)")
@@ -92,19 +93,31 @@ def accuracies(logits: Tensor, labels: Tensor, tail: list[int], num_classes: int
             "per_class_accuracy": per_class}
 
 
-def ceiling(run_dir: Path, oracle_per_class: int = 0) -> dict:
-    """Every probe's test accuracy on the final global model of ``run_dir``.
+def probed_model(run_dir: Path, which: str) -> tuple[EncoderClassifier, RunConfig, FederatedData, int]:
+    """The network to probe: ``checkpoint`` = the last global model as clients hold it (``checkpoint.pt``),
+    ``final`` = the network the run measured its last accuracy on (``final_model.pt``: with ``swa-start`` the
+    weight average, with CCVR or CReFF the calibrated head)."""
+    if which == "final":
+        saved = load_final_model(run_dir)
+        cfg, num_clients, state = resolve(saved["run_config"]), int(saved["num_clients"]), saved["state"]
+    else:
+        checkpoint = load_checkpoint(run_dir)
+        cfg, saved = resolve(checkpoint["run_config"]), checkpoint
+        num_clients = int(json.loads((run_dir / "config.json").read_text())["num_clients"])
+        state = {k: torch.from_numpy(np.asarray(v)) for k, v in checkpoint["arrays"].items()}
+    data = federated_data(cfg, num_clients)
+    model = method_model(cfg, data)
+    model.load_travelling_state(state)
+    return model.eval(), cfg, data, int(saved["round"])
+
+
+def ceiling(run_dir: Path, oracle_per_class: int = 0, which: str = "checkpoint") -> dict:
+    """Every probe's test accuracy on the final model of ``run_dir`` (``which``: see :func:`probed_model`).
 
     The oracle re-trains on every training image of the data set, or on the first ``oracle_per_class``
     of each class when that is positive.
     """
-    state = load_checkpoint(run_dir)
-    cfg = resolve(state["run_config"])
-    recorded = json.loads((run_dir / "config.json").read_text())
-    data = federated_data(cfg, int(recorded["num_clients"]))
-    model = method_model(cfg, data)
-    model.load_travelling_state({k: torch.from_numpy(np.asarray(v)) for k, v in state["arrays"].items()})
-    model.eval()
+    model, cfg, data, last_round = probed_model(run_dir, which)
     num_classes = data.num_classes
     tail = tail_classes(data.class_counts)
     test_images, test_labels = data.test_data()
@@ -137,7 +150,7 @@ def ceiling(run_dir: Path, oracle_per_class: int = 0) -> dict:
         "balanced re-train (LT data)": accuracies(lt_head(test_h), test_labels, tail, num_classes),
         "oracle re-train (balanced data)": accuracies(all_head(test_h), test_labels, tail, num_classes),
     }
-    return {"run": run_dir.name, "method": cfg.method, "seed": cfg.seed, "round": int(state["round"]),
+    return {"run": run_dir.name, "model": which, "method": cfg.method, "seed": cfg.seed, "round": last_round,
             "class_counts": list(data.class_counts), "tail_classes": tail, "probes": results}
 
 
@@ -149,7 +162,7 @@ def markdown(reports: list[dict]) -> str:
     for r in reports:
         probes = [r["probes"][p] for p in PROBES]
         cells = [f"{100 * probe['accuracy']:.2f} / {100 * probe['tail_accuracy']:.2f}" for probe in probes]
-        lines.append(f"| {r['run']} | {r['round']} | " + " | ".join(cells) + " |")
+        lines.append(f"| {r['run']} ({r.get('model', 'checkpoint')}) | {r['round']} | " + " | ".join(cells) + " |")
     lines += ["", "Per-class accuracy (%), classes 0-9:", ""]
     for r in reports:
         for p in PROBES:
@@ -161,12 +174,15 @@ def markdown(reports: list[dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("runs", nargs="+", type=Path, help="run folders holding checkpoint.pt and config.json")
+    parser.add_argument("--model", choices=("checkpoint", "final"), default="checkpoint",
+                        help="checkpoint: the last global model (checkpoint.pt); final: the network the run "
+                             "evaluated last (final_model.pt: a weight average, a calibrated head)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for ceiling.json and ceiling.md")
     args = parser.parse_args()
     reports = []
     args.output.mkdir(parents=True, exist_ok=True)
     for run in args.runs:
-        reports.append(ceiling(run))
+        reports.append(ceiling(run, which=args.model))
         (args.output / "ceiling.json").write_text(json.dumps(reports, indent=1) + "\n")  # as each run finishes
         (args.output / "ceiling.md").write_text(markdown(reports))
         print(markdown(reports[-1:]))
