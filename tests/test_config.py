@@ -275,11 +275,11 @@ def test_cifar_presets_use_climbs_cifar_epsilon_and_dual_step(name: str) -> None
 
 
 def test_sweep_cells_on_cifar_presets_run_climbs_cifar_values() -> None:
-    from fedlt_app import sweep
+    from fedlt_app import sweep_grid
 
     seen = 0
     for path in sorted((ROOT / "conf" / "sweeps").glob("*.yaml")):
-        for cell in sweep.expand(sweep.load_spec(path)):
+        for cell in sweep_grid.expand(sweep_grid.load_spec(path)):
             if cell.run_config.get("preset") in CIFAR_PRESETS:
                 seen += 1
                 assert (cell.run_config["climb-epsilon"], cell.run_config["climb-dual-lr"]) == (0.1, 0.1), cell.name

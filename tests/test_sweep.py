@@ -17,15 +17,15 @@ from typing import Any
 import pytest
 from fixtures.fake_runs import fake_runner, write_run
 
-from fedlt_app import report, sweep
+from fedlt_app import report, sweep, sweep_grid
 from fedlt_app.config import defaults, resolve
-from fedlt_app.sweep import SweepError
+from fedlt_app.sweep_grid import SweepError
 
 ROOT = Path(__file__).resolve().parent.parent
 SWEEP_FILES = sorted((ROOT / "conf" / "sweeps").glob("*.yaml"))
 
 
-def small_spec(**changes: Any) -> sweep.SweepSpec:
+def small_spec(**changes: Any) -> sweep_grid.SweepSpec:
     data: dict[str, Any] = {
         "name": "small",
         "base": {"num-server-rounds": 12, "samples-per-class": 50},
@@ -36,7 +36,7 @@ def small_spec(**changes: Any) -> sweep.SweepSpec:
         "seeds": [0, 1, 2],
     }
     data.update(changes)
-    return sweep.parse_spec(data)
+    return sweep_grid.parse_spec(data)
 
 
 def quiet(lines: list[str] | None = None):  # type: ignore[no-untyped-def]
@@ -48,7 +48,7 @@ def quiet(lines: list[str] | None = None):  # type: ignore[no-untyped-def]
 
 def test_grid_expands_rows_columns_and_seeds_in_order() -> None:
     spec = small_spec()
-    cells = sweep.expand(spec)
+    cells = sweep_grid.expand(spec)
     assert len(cells) == 3 * 2 * 3
     assert spec.rows == ("method",) and spec.columns == ("imbalance-ratio",)
     assert cells[0].name == "method-fedavg__imbalance-ratio-10__seed-0"
@@ -70,7 +70,7 @@ def test_the_sweep_expands_presets_itself() -> None:
     """The app lets a preset override any key left at its schema default (local-epochs=1 is the default);
     the sweep passes the preset's values explicitly instead, so what runs is what the file says."""
     spec = small_spec(base={"preset": "fmnist-lt", "local-epochs": 1, "num-server-rounds": 3})
-    cell = sweep.expand(spec)[0]
+    cell = sweep_grid.expand(spec)[0]
     assert resolve({"preset": "fmnist-lt", "local-epochs": 1}).local_epochs == 5  # the trap
     assert cell.run_config["local-epochs"] == 1 and cell.run_config["preset"] == "fmnist-lt"
     assert "preset" not in cell.overrides and "local-epochs" not in cell.overrides
@@ -79,7 +79,7 @@ def test_the_sweep_expands_presets_itself() -> None:
 
 
 def test_bundles_overrides_exclude_and_launcher_keys() -> None:
-    spec = sweep.parse_spec({
+    spec = sweep_grid.parse_spec({
         "name": "b",
         "rows": ["method", "server-opt"],
         "gpus-per-client": 0.0,
@@ -92,7 +92,7 @@ def test_bundles_overrides_exclude_and_launcher_keys() -> None:
         "overrides": [{"when": {"method": "fedprox"}, "set": {"prox-mu": 0.01}},
                       {"when": {"server-opt": "fedadam"}, "set": {"server-lr": 0.01}}],
     })
-    cells = sweep.expand(spec)
+    cells = sweep_grid.expand(spec)
     assert len(cells) == (2 * 2 - 1) * 2
     assert spec.columns == ("setting",)
     partial = next(c for c in cells if c.coords == {"method": "fedavg", "server-opt": "fedadam", "setting": "partial"})
@@ -103,8 +103,8 @@ def test_bundles_overrides_exclude_and_launcher_keys() -> None:
 
 @pytest.mark.parametrize("path", SWEEP_FILES, ids=[p.stem for p in SWEEP_FILES])
 def test_every_sweep_file_validates(path: Path) -> None:
-    spec = sweep.load_spec(path)
-    cells = sweep.expand(spec)
+    spec = sweep_grid.load_spec(path)
+    cells = sweep_grid.expand(spec)
     assert spec.name == path.stem
     assert len({c.name for c in cells}) == len(cells)
     assert all(set(c.run_config) == set(defaults()) for c in cells)  # every key resolved
@@ -112,18 +112,30 @@ def test_every_sweep_file_validates(path: Path) -> None:
 
 def test_the_converged_queue_names_every_unfinished_cell_once() -> None:
     """scripts/sweep_queue.sh's order file: a setting added to the sweep must be queued, a typo must not be."""
-    spec = sweep.load_spec(ROOT / "conf" / "sweeps" / "converged-fmnist-ir100.yaml")
+    spec = sweep_grid.load_spec(ROOT / "conf" / "sweeps" / "converged-fmnist-ir100.yaml")
     runs = ROOT / "results" / "converged-fmnist-ir100" / "runs"
-    cells = {(c.coords["setting"], c.seed): sweep.cell_state(runs, c.name).status for c in sweep.expand(spec)}
+    cells = {(c.coords["setting"], c.seed): sweep.cell_state(runs, c.name).status for c in sweep_grid.expand(spec)}
     lines = (ROOT / "conf" / "sweeps" / "converged-fmnist-ir100.queue").read_text().splitlines()
     queued = [(line.split()[0], int(line.split()[1])) for line in lines if line.strip() and not line.startswith("#")]
     assert len(queued) == len(set(queued)) and set(queued) <= set(cells)
     assert {cell for cell, status in cells.items() if status != "completed"} <= set(queued)
 
 
+def test_manifest_names_the_sweep_file_as_the_checkout_does(tmp_path: Path) -> None:
+    # collect runs the report on the absolute path of the checkout's file; the committed sweep.json must still
+    # name conf/sweeps/..., or a clone elsewhere would look for the file in the clone that wrote it
+    absolute = sweep_grid.load_spec(ROOT / "conf" / "sweeps" / "cpu-fmnist-ir100.yaml")
+    assert sweep.sweep_manifest(absolute, [])["source"] == "conf/sweeps/cpu-fmnist-ir100.yaml"
+    outside = tmp_path / "mine.yaml"
+    outside.write_text((ROOT / "conf" / "sweeps" / "cpu-fmnist-ir100.yaml").read_text())
+    assert sweep.sweep_manifest(sweep_grid.load_spec(outside), [])["source"] == str(outside)
+    for manifest in (ROOT / "results").glob("*/sweep.json"):
+        assert not Path(json.loads(manifest.read_text())["source"]).is_absolute(), manifest
+
+
 def test_cpu_protocol_is_the_briefed_grid() -> None:
-    spec = sweep.load_spec(ROOT / "conf" / "sweeps" / "cpu-fmnist-ir100.yaml")
-    cells = sweep.expand(spec)
+    spec = sweep_grid.load_spec(ROOT / "conf" / "sweeps" / "cpu-fmnist-ir100.yaml")
+    cells = sweep_grid.expand(spec)
     assert len(cells) == 21
     assert {c.coords["method"] for c in cells} == {
         "fedavg", "fedprox", "focal", "ratio-loss", "climb", "creff", "redgrape"}
@@ -138,9 +150,9 @@ def test_run_config_text_parses_back_in_flower() -> None:
     from flwr.common.config import parse_config_args
 
     spec = small_spec(base={"preset": "cifar10-lt", "minority-classes": "1,2", "num-server-rounds": 2})
-    for cell in sweep.expand(spec)[:4]:
+    for cell in sweep_grid.expand(spec)[:4]:
         overrides = {**cell.overrides, "output-dir": "/tmp/a b/out", "run-name": "x"}
-        parsed = parse_config_args([sweep.run_config_arg(overrides)])
+        parsed = parse_config_args([sweep_grid.run_config_arg(overrides)])
         assert parsed == overrides
         assert all(type(parsed[k]) is type(v) for k, v in overrides.items())
 
@@ -175,26 +187,26 @@ def test_a_typo_fails_before_anything_runs(tmp_path: Path, changes: dict[str, An
 def test_load_spec_reads_yaml(tmp_path: Path) -> None:
     path = tmp_path / "my-sweep.yaml"
     path.write_text("grid:\n  method: [fedavg, focal]\nseeds: [0]\n")
-    spec = sweep.load_spec(path)
-    assert spec.name == "my-sweep" and spec.rows == ("method",) and len(sweep.expand(spec)) == 2
+    spec = sweep_grid.load_spec(path)
+    assert spec.name == "my-sweep" and spec.rows == ("method",) and len(sweep_grid.expand(spec)) == 2
     path.write_text("grid: [\n")
     with pytest.raises(SweepError, match="not valid YAML"):
-        sweep.load_spec(path)
+        sweep_grid.load_spec(path)
 
 
 def test_only_and_set(tmp_path: Path) -> None:
-    spec = sweep.with_settings(small_spec(), ["data-dir=/data", "num-server-rounds=2"])
-    cells = sweep.expand(spec)
+    spec = sweep_grid.with_settings(small_spec(), ["data-dir=/data", "num-server-rounds=2"])
+    cells = sweep_grid.expand(spec)
     assert all(c.run_config["data-dir"] == "/data" and c.run_config["num-server-rounds"] == 2 for c in cells)
-    only = sweep.parse_only(["method=fedavg,redgrape", "imbalance-ratio=100", "seed=1"], spec)
+    only = sweep_grid.parse_only(["method=fedavg,redgrape", "imbalance-ratio=100", "seed=1"], spec)
     calls: list[str] = []
     outcome = sweep.run_sweep(spec, tmp_path, runner=fake_runner(calls), only=only, log=quiet(), write_report=False)
     assert calls == ["method-fedavg__imbalance-ratio-100__seed-1", "method-redgrape__imbalance-ratio-100__seed-1"]
     assert len(outcome.not_selected) == 16
     with pytest.raises(SweepError, match="values of method"):
-        sweep.parse_only(["method=fedav"], spec)
+        sweep_grid.parse_only(["method=fedav"], spec)
     with pytest.raises(SweepError, match="unknown key"):
-        sweep.with_settings(spec, ["dat-dir=/data"])
+        sweep_grid.with_settings(spec, ["dat-dir=/data"])
 
 
 # --------------------------------------------------------------- running
@@ -214,13 +226,13 @@ def test_runner_gets_the_cell_and_its_outputs_land_in_runs(tmp_path: Path) -> No
     assert f"run-name='{run.cell.name}'" in run.run_config_arg
     assert (run.num_clients, run.cpus, run.gpus, run.app_dir) == (3, 1, 0.0, sweep.APP_DIR)
     manifest = json.loads((tmp_path / "small" / "sweep.json").read_text())
-    assert [c["name"] for c in manifest["cells"]] == [c.name for c in sweep.expand(small_spec(seeds=[0]))]
+    assert [c["name"] for c in manifest["cells"]] == [c.name for c in sweep_grid.expand(small_spec(seeds=[0]))]
     assert manifest["rows"] == ["method"] and manifest["columns"] == ["imbalance-ratio"]
 
 
 def test_a_killed_sweep_resumes_and_reruns_the_partial_cell(tmp_path: Path) -> None:
     spec = small_spec()
-    names = [c.name for c in sweep.expand(spec)]
+    names = [c.name for c in sweep_grid.expand(spec)]
     with pytest.raises(KeyboardInterrupt):  # killed while its third cell runs
         sweep.run_sweep(spec, tmp_path, runner=fake_runner(kill=lambda n: n == names[2]), log=quiet())
     runs = tmp_path / "small" / "runs"
@@ -251,9 +263,9 @@ def test_an_interrupted_cell_with_a_checkpoint_continues_in_its_own_folder(tmp_p
     test_collect) re-runs from round 1 instead, as its resume would not be the uninterrupted run."""
     spec = small_spec(grid={"method": ["fedavg", "moon"], "imbalance-ratio": [10.0]}, seeds=[0],
                       **{"row-overrides": {}})
-    names = [c.name for c in sweep.expand(spec)]
+    names = [c.name for c in sweep_grid.expand(spec)]
     runs = tmp_path / "small" / "runs"
-    for cell in sweep.expand(spec):  # both killed at round 5, after a checkpoint
+    for cell in sweep_grid.expand(spec):  # both killed at round 5, after a checkpoint
         config = {**cell.run_config, "output-dir": str(runs), "run-name": cell.name}
         if cell.run_config["method"] == "moon" and not moon_persisted:
             config["persist-client-state"] = False
@@ -289,7 +301,7 @@ def test_an_interrupted_cell_with_a_checkpoint_continues_in_its_own_folder(tmp_p
 
 def test_a_failed_cell_is_reported_and_retried(tmp_path: Path) -> None:
     spec = small_spec(seeds=[0])
-    names = [c.name for c in sweep.expand(spec)]
+    names = [c.name for c in sweep_grid.expand(spec)]
 
     def fails(name: str) -> bool:
         return name == names[1]
@@ -323,7 +335,7 @@ def test_a_changed_sweep_file_does_not_reuse_old_runs(tmp_path: Path) -> None:
     with pytest.raises(SweepError, match="num-server-rounds: ran 12, sweep says 20"):
         sweep.run_sweep(changed, tmp_path, runner=fake_runner(), log=quiet())
     # keys that do not change results (data-dir, device, ...) may change
-    moved = sweep.with_settings(small_spec(seeds=[0]), ["data-dir=/elsewhere"])
+    moved = sweep_grid.with_settings(small_spec(seeds=[0]), ["data-dir=/elsewhere"])
     calls: list[str] = []
     sweep.run_sweep(moved, tmp_path, runner=fake_runner(calls), log=quiet(), write_report=False)
     assert calls == []
@@ -402,7 +414,7 @@ def test_cli_dry_run_writes_nothing_and_report_only(tmp_path: Path, capsys: pyte
     assert "--run-config \"method='fedavg' num-server-rounds=2\"" in out
     assert not (tmp_path / "out").exists()
     assert sweep.main([str(tmp_path / "missing.yaml")]) == 2
-    sweep.run_sweep(sweep.load_spec(path), tmp_path / "out", runner=fake_runner(), log=quiet(), write_report=False)
+    sweep.run_sweep(sweep_grid.load_spec(path), tmp_path / "out", runner=fake_runner(), log=quiet(), write_report=False)
     assert sweep.main([str(path), "--report-only", "--output", str(tmp_path / "out")]) == 0
     assert (tmp_path / "out" / "cli" / "table.md").exists()
 
@@ -635,7 +647,7 @@ def test_per_class_means_are_the_tables_last_ten_round_means(fixture_sweep: Path
 
 def many_methods_sweep(root: Path, methods: int, rounds: int) -> report.SweepResults:
     """A finished one-seed sweep of ``methods`` rows (FedProx at different μ, each its own row label)."""
-    spec = sweep.parse_spec({
+    spec = sweep_grid.parse_spec({
         "name": "many", "base": {"num-server-rounds": rounds, "samples-per-class": 50}, "num-clients": 3,
         "rows": "prox-mu", "grid": {"method": ["fedprox"], "prox-mu": [0.001 * (i + 1) for i in range(methods)]},
         "seeds": [0],
