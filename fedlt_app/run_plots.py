@@ -281,8 +281,11 @@ def draw_run(run_dir: str | Path, log: Callable[[str], None] = print) -> list[Pa
     return write_pictures(load_run(run_dir), log)
 
 
-def plot_overlay(runs: Sequence[RunData]) -> Any:
-    """Balanced (left) and tail (right) accuracy per round of several runs, labelled by run folder."""
+def plot_overlay(runs: Sequence[RunData], from_round: int = 1) -> Any:
+    """Balanced (left) and tail (right) accuracy per round of several runs, labelled by run folder.
+
+    ``from_round`` > 1 draws only the rounds from there on, so the accuracy axis spans the converged part, where
+    converged methods differ by a point or two, not the warm-up's 0-90 %."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(13.0 + (2.5 if len(runs) > 4 else 0.0), 5.0), layout="constrained")
@@ -290,7 +293,9 @@ def plot_overlay(runs: Sequence[RunData]) -> Any:
     for ax, metric, title in zip(axes, ("accuracy", "tail_accuracy"), ("balanced accuracy", "tail accuracy"),
                                  strict=True):
         for i, run in enumerate(runs):
-            ax.plot(*_series(run, metric), label=run.dir.name, **line_style(i))
+            rounds, values = _series(run, metric)
+            kept = [(r, v) for r, v in zip(rounds, values, strict=True) if r >= from_round]
+            ax.plot([r for r, _ in kept], [v for _, v in kept], label=run.dir.name, **line_style(i))
         _round_axis(ax, runs[0])
         ax.set_title(title)
     axes[0].set_ylabel("accuracy (%)")
@@ -301,11 +306,11 @@ def plot_overlay(runs: Sequence[RunData]) -> Any:
     return fig
 
 
-def overlay(run_dirs: Sequence[str | Path], out_path: str | Path) -> Path:
-    """Write the overlay of several runs' curves to ``out_path``."""
+def overlay(run_dirs: Sequence[str | Path], out_path: str | Path, from_round: int = 1) -> Path:
+    """Write the overlay of several runs' curves (from round ``from_round`` on) to ``out_path``."""
     out = Path(out_path).expanduser()
     out.parent.mkdir(parents=True, exist_ok=True)
-    plot_overlay([load_run(d) for d in run_dirs]).savefig(out, dpi=DPI)
+    plot_overlay([load_run(d) for d in run_dirs], from_round).savefig(out, dpi=DPI)
     return out
 
 
@@ -320,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="a run's results folder (<output-dir>/<run>)")
     parser.add_argument("--output", "-o", default="overlay.png", help="the overlay figure (default: ./overlay.png)")
+    parser.add_argument("--from-round", type=int, default=1, metavar="N",
+                        help="overlay only rounds N and later, e.g. the converged part (default: 1, every round)")
     args = parser.parse_args(argv)
+    if args.from_round < 1:
+        parser.error(f"--from-round must be a round number >= 1, got {args.from_round}")
     try:
         runs = [load_run(d) for d in args.run_dirs]
     except RunDirError as err:
@@ -333,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         for path in write_pictures(run, log=lambda line: print(line, file=sys.stderr)):
             print(path)
     if len(runs) >= 2:
-        print(overlay([run.dir for run in runs], args.output))
+        print(overlay([run.dir for run in runs], args.output, args.from_round))
     return 0
 
 

@@ -63,6 +63,18 @@ def test_fedlt_report_redraws_each_run_and_overlays_them(tmp_path: Path, capsys:
     assert printed == [str(r / name) for r in runs for name in PICTURES] + [str(out)]
 
 
+def test_overlay_from_a_round_draws_only_the_later_rounds(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    runs = [run_plots.load_run(_fake_run(tmp_path / f"run-{seed}", seed)) for seed in (0, 1)]
+    fig = run_plots.plot_overlay(runs, from_round=3)
+    for ax, metric in zip(fig.axes, ("accuracy", "tail_accuracy"), strict=True):
+        for line, run in zip(ax.get_lines(), runs, strict=True):
+            _, values = run_plots._series(run, metric)
+            assert list(line.get_xdata()) == [3, 4] and list(line.get_ydata()) == values[2:]
+    with pytest.raises(SystemExit):
+        run_plots.main([str(r.dir) for r in runs] + ["--from-round", "0"])
+    assert "--from-round must be a round number >= 1, got 0" in capsys.readouterr().err
+
+
 def test_fedlt_report_of_one_run_writes_no_overlay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     run = _fake_run(tmp_path / "run", 0)
