@@ -32,6 +32,12 @@ METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss"
 SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "redgrape", "grape-la", "creff",
                   "fedetf", "fednh", "fedgrab", "moon", "ccvr", "rucr", "fedyoyo", "fedloge", "zero-shot-clip",
                   "promptfl", "clip2fl")
+# sam-rho computes each step's loss twice (at the weights and at the perturbed weights): methods whose loss() is a
+# pure function of the model and the batch. Not: fedgrab (its loss draws exemptions and accumulates the step's
+# statistics), rucr and moon (they accumulate their feature / contrastive loss), fedyoyo (advances its prior per
+# call), the CLIP methods (a frozen backbone, prompts trained by their own rules).
+SAM_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "climb", "redgrape", "grape-la",
+               "creff", "ccvr", "fedic", "fedetf", "fednh", "fedloge")
 # need the clip extra and clip-weights (fedlt_app/clip)
 CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
@@ -167,6 +173,9 @@ SCHEMA: tuple[Option, ...] = (
     Option("swa-start", int, 0, "server-side weight averaging: from this round on the server evaluates (and saves) "
            "the running mean of the networks it evaluated since, while training continues from the latest global "
            "model (0 = off; fedlt_app/swa.py)", at_least(0)),
+    Option("sam-rho", float, 0.0, "sharpness-aware minimisation of the local SGD (SAM, Foret et al. 2021; FedSAM, "
+           "Caldarola et al. 2022): each step takes the gradient at the weights moved sam-rho along the normalised "
+           "gradient, two forward-backward passes a step (0 = off; fedlt_app/train.py)", at_least(0.0)),
     Option("focal-gamma", float, 2.0, "Fed-Focal's focusing parameter gamma", at_least(0.0)),
     Option("fedlc-tau", float, 1.0,
            "FedLC's calibration strength tau: logits z_c - tau * n_c^(-1/4) with the client's own class counts "
@@ -496,6 +505,7 @@ class RunConfig:
     server_opt: str
     server_momentum: float
     swa_start: int
+    sam_rho: float
     focal_gamma: float
     fedlc_tau: float
     moon_mu: float
@@ -798,6 +808,13 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
                           f"{values['num_server_rounds']}; nothing would be averaged (0 turns it off)")
     if values["swa_start"] and values["al_method"] != "none":
         raise ConfigError("swa-start: weight averaging is for plain federated runs, not active learning (al-method)")
+    if values["sam_rho"] and values["method"] not in SAM_METHODS:
+        raise ConfigError(f"sam-rho: method={values['method']!r} cannot take sharpness-aware steps (its loss has side "
+                          f"effects a second pass per step would repeat); with sam-rho > 0, method must be one of "
+                          f"{', '.join(SAM_METHODS)}")
+    if values["sam_rho"] and values["al_method"] != "none":
+        raise ConfigError("sam-rho: sharpness-aware steps are for plain federated runs, not active learning "
+                          "(al-method)")
     if values["al_method"] != "none" and round(values["al_query_ratio"], 2) > values["al_end_ratio"]:
         raise ConfigError(
             f"al-end-ratio: {values['al_end_ratio']} is below the first labeled ratio "

@@ -2,7 +2,8 @@
 
 Readable top to bottom: fresh SGD(M) each round, shared batch view -> the
 method's input -> zero -> loss -> backward -> method hook -> clip -> step ->
-method hook.  Methods change the loss or add
+method hook (with ``sam-rho``, the loss and backward at weights moved up the
+gradient first: ``sharpness_aware_ascent``).  Methods change the loss or add
 work around the step through ``ClientMethod`` hooks; nothing here knows which
 method is running.  The hooks' forward passes run under the run's autocast
 (``precision``); weights, optimizer state and gradients stay float32.
@@ -56,12 +57,13 @@ class LocalTraining:
     precision: str = "fp32"
     weight_decay: float = 0.0  # SGD's own L2 term, added to the gradient after clipping (as FedLTLib's optimiser)
     augment: str = "authors"  # the run's augment key (fedlt_app.data.transforms.augment's policy)
+    sam_rho: float = 0.0  # sharpness-aware minimisation's radius (0 = plain SGD)
 
     @classmethod
     def from_config(cls, cfg: RunConfig) -> LocalTraining:
         """The local training a run's config asks for (the app and the plain-loop benchmark must agree)."""
         return cls(cfg.local_epochs, cfg.batch_size, cfg.local_lr, cfg.momentum, cfg.grad_clip, cfg.prox_mu,
-                   cfg.dataset, cfg.precision, cfg.weight_decay, cfg.augment)
+                   cfg.dataset, cfg.precision, cfg.weight_decay, cfg.augment, cfg.sam_rho)
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,37 @@ def method_stream(generator: torch.Generator) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def global_rng_state(cuda: int | None) -> tuple[Tensor, Tensor | None]:
+    """The global RNG (dropout's) of the CPU and of CUDA device ``cuda`` (None: the CPU's only)."""
+    return torch.get_rng_state(), None if cuda is None else torch.cuda.get_rng_state(cuda)
+
+
+def set_global_rng_state(cuda: int | None, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if cuda is not None and state[1] is not None:
+        torch.cuda.set_rng_state(state[1], cuda)
+
+
+def cuda_index(device: torch.device) -> int | None:
+    return (device.index or 0) if device.type == "cuda" else None
+
+
+def sharpness_aware_ascent(params: list[Tensor], loss: Tensor, rho: float) -> list[Tensor] | None:
+    """SAM's first half (Foret et al., ICLR 2021): move ``params`` in place by ε = ρ·g/‖g‖, g = ∇loss, the
+    steepest ascent within radius ρ; returns ε to undo the move, or None (nothing moved) when g is not finite
+    or zero. ε does not depend on a scale of the loss, so fp16's scaled loss serves as it is."""
+    grads = [torch.zeros_like(p) if g is None else g.float()
+             for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True), strict=True)]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    if not bool(torch.isfinite(norm)) or float(norm) == 0.0:
+        return None
+    moves = [(rho / norm) * g for g in grads]
+    with torch.no_grad():
+        for p, e in zip(params, moves, strict=True):
+            p.add_(e)
+    return moves
+
+
 class HookRNG:
     """A global-RNG stream of the method hooks' own (dropout in their forward passes).
 
@@ -95,28 +128,20 @@ class HookRNG:
     """
 
     def __init__(self, seed: int, device: torch.device) -> None:
-        self.cuda = (device.index or 0) if device.type == "cuda" else None
+        self.cuda = cuda_index(device)
         with torch.random.fork_rng(devices=[] if self.cuda is None else [self.cuda]):
             torch.manual_seed(seed)
-            self.state = self._get()
-
-    def _get(self) -> tuple[Tensor, Tensor | None]:
-        return torch.get_rng_state(), None if self.cuda is None else torch.cuda.get_rng_state(self.cuda)
-
-    def _set(self, state: tuple[Tensor, Tensor | None]) -> None:
-        torch.set_rng_state(state[0])
-        if self.cuda is not None and state[1] is not None:
-            torch.cuda.set_rng_state(state[1], self.cuda)
+            self.state = global_rng_state(self.cuda)
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        loop_state = self._get()
-        self._set(self.state)
+        loop_state = global_rng_state(self.cuda)
+        set_global_rng_state(self.cuda, self.state)
         try:
             yield
         finally:
-            self.state = self._get()
-            self._set(loop_state)
+            self.state = global_rng_state(self.cuda)
+            set_global_rng_state(self.cuda, loop_state)
 
 
 def train_locally(
@@ -146,6 +171,13 @@ def train_locally(
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=setup.lr, momentum=setup.momentum, weight_decay=setup.weight_decay)
     anchor = [p.detach().clone() for p in params] if setup.prox_mu > 0 else []
+    cuda = cuda_index(device)
+
+    def batch_loss(x: Tensor, y: Tensor) -> Tensor:
+        with precision.autocast():
+            loss = method.loss(model, x, y)
+        return loss + setup.prox_mu * proximal_term(params, anchor) if anchor else loss
+
     with precision.autocast(), hook_rng.active():
         method.begin(model, images, labels, method_generator)
     model.train()
@@ -159,10 +191,13 @@ def train_locally(
                 x = method.batch_input(raw, x)
             y = labels[batch].to(device, non_blocking=True)
             optimizer.zero_grad(set_to_none=True)
-            with precision.autocast():
-                loss = method.loss(model, x, y)
-            if anchor:
-                loss = loss + setup.prox_mu * proximal_term(params, anchor)
+            moves = None
+            if setup.sam_rho > 0:  # the gradient is taken at w + ε, with this batch's dropout masks again
+                masks = global_rng_state(cuda)
+                loss_at_w = batch_loss(x, y)
+                moves = sharpness_aware_ascent(params, loss_at_w, setup.sam_rho)
+                set_global_rng_state(cuda, masks)
+            loss = batch_loss(x, y)
             finite = True
             if scaler is None:
                 loss.backward()
@@ -170,6 +205,11 @@ def train_locally(
                 scaler.scale(loss).backward()
                 scaler.unscale_(optimizer)
                 finite = all(bool(torch.isfinite(p.grad).all()) for p in params if p.grad is not None)
+            if moves is not None:  # back to w: the step (and the method's hooks) start from the weights
+                with torch.no_grad():
+                    for p, e in zip(params, moves, strict=True):
+                        p.sub_(e)
+                loss = loss_at_w  # the loss the step lowers is reported at w, as without SAM
             if finite:  # a step the scaler skips is skipped by the method too
                 with precision.autocast(), hook_rng.active():
                     method.before_step(model)
