@@ -101,10 +101,10 @@ def probed_model(run_dir: Path, which: str) -> tuple[EncoderClassifier, RunConfi
         saved = load_final_model(run_dir)
         cfg, num_clients, state = resolve(saved["run_config"]), int(saved["num_clients"]), saved["state"]
     else:
-        checkpoint = load_checkpoint(run_dir)
-        cfg, saved = resolve(checkpoint["run_config"]), checkpoint
+        saved = load_checkpoint(run_dir)
+        cfg = resolve(saved["run_config"])
         num_clients = int(json.loads((run_dir / "config.json").read_text())["num_clients"])
-        state = {k: torch.from_numpy(np.asarray(v)) for k, v in checkpoint["arrays"].items()}
+        state = {k: torch.from_numpy(np.asarray(v)) for k, v in saved["arrays"].items()}
     data = federated_data(cfg, num_clients)
     model = method_model(cfg, data)
     model.load_travelling_state(state)
