@@ -17,9 +17,9 @@ from omegaconf import OmegaConf
 
 from fedlt_app.generative.shortfall import TARGETS as REGL_TARGETS
 
-METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "climb", "creff", "ccvr", "rucr",
-                "fedic", "moon", "redgrape", "grape-la", "zero-shot-clip", "promptfl", "capt", "clip2fl", "fedetf",
-                "fednh", "fedgrab", "fedloge", "fedyoyo")
+METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "flat-la", "ratio-loss", "climb", "creff", "ccvr",
+                "rucr", "fedic", "moon", "redgrape", "grape-la", "zero-shot-clip", "promptfl", "capt", "clip2fl",
+                "fedetf", "fednh", "fedgrab", "fedloge", "fedyoyo")
 # Methods whose server needs only sums over a round's clients: the weighted model sum (fednh: unweighted,
 # ServerMethod.client_weighting), for fedavg-la / grape-la the class counts, for redgrape / grape-la / creff /
 # fednh per-class sums and counts,
@@ -29,15 +29,15 @@ METHOD_NAMES = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss"
 # moments, in a second secure instance (ServerMethod.statistics_sum_segments); rucr's class-means query the
 # same way (full participation only: its prototypes are the cohort's) and its rectified heads' weighted sum;
 # fedyoyo's pre-training dispersion query (the cohort's Σ eff) as an instance of its own before training's.
-SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "redgrape", "grape-la", "creff",
-                  "fedetf", "fednh", "fedgrab", "moon", "ccvr", "rucr", "fedyoyo", "fedloge", "zero-shot-clip",
+SECAGG_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "flat-la", "ratio-loss", "redgrape", "grape-la",
+                  "creff", "fedetf", "fednh", "fedgrab", "moon", "ccvr", "rucr", "fedyoyo", "fedloge", "zero-shot-clip",
                   "promptfl", "clip2fl")
 # sam-rho computes each step's loss twice (at the weights and at the perturbed weights): methods whose loss() is a
 # pure function of the model and the batch. Not: fedgrab (its loss draws exemptions and accumulates the step's
 # statistics), rucr and moon (they accumulate their feature / contrastive loss), fedyoyo (advances its prior per
 # call), the CLIP methods (a frozen backbone, prompts trained by their own rules).
-SAM_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "ratio-loss", "climb", "redgrape", "grape-la",
-               "creff", "ccvr", "fedic", "fedetf", "fednh", "fedloge")
+SAM_METHODS = ("fedavg", "fedprox", "focal", "fedlc", "fedavg-la", "flat-la", "ratio-loss", "climb", "redgrape",
+               "grape-la", "creff", "ccvr", "fedic", "fedetf", "fednh", "fedloge")
 # need the clip extra and clip-weights (fedlt_app/clip)
 CLIP_METHODS = ("zero-shot-clip", "promptfl", "capt", "clip2fl")
 SERVER_OPTS = ("fedavg", "fedavgm", "fedadam")
@@ -317,6 +317,13 @@ SCHEMA: tuple[Option, ...] = (
            one_of("global", "local")),
     Option("fedavg-la-tau", float, 1.0, "FedAvg-LA: strength tau of the logit adjustment (0 = FedAvg+CE exactly)",
            at_least(0.0)),
+    Option("flat-la-rho", float, 0.05,
+           "FLAT-LA (fedlt's method: FedAvg-LA's loss, flat minima): the SAM radius of its local steps (it sets "
+           "sam-rho; 0 = plain SGD steps)", at_least(0.0)),
+    Option("flat-la-average-from", float, 0.5,
+           "FLAT-LA: fraction f of the rounds after which the server evaluates the running mean of the global "
+           "models, from round floor(f x num-server-rounds) + 1 on (it sets swa-start; 1 = no averaging)",
+           in_range_closed(0.0, 1.0)),
     Option("clip-weights", str, "",
            "CLIP methods: local file of OpenAI-format CLIP weights, e.g. ViT-B-16.pt (never downloaded; README "
            "'CLIP methods')"),
@@ -567,6 +574,8 @@ class RunConfig:
     grape_la_tau: float
     fedavg_la_prior: str
     fedavg_la_tau: float
+    flat_la_rho: float
+    flat_la_average_from: float
     clip_weights: str
     promptfl_n_ctx: int
     capt_n_ctx: int
@@ -719,6 +728,33 @@ def recorded_value(ran: Mapping[str, Any], key: str) -> Any:
     return OPTIONS[key].default if key in OPTIONS else None
 
 
+def flat_la_average_start(fraction: float, num_server_rounds: int) -> int:
+    """The first averaged round of FLAT-LA's ``flat-la-average-from`` (0: no averaging): past the fraction's
+    share of the rounds, e.g. 0.5 of 100 rounds -> round 51."""
+    return math.floor(fraction * num_server_rounds) + 1 if fraction < 1 else 0
+
+
+def _set_flat_la_mechanisms(values: dict[str, Any]) -> None:
+    """FLAT-LA is FedAvg-LA's loss over three of fedlt's general mechanisms, set from its own keys: SAM local
+    steps (sam-rho <- flat-la-rho), server momentum (server-opt <- fedavgm, at server-momentum) and server-side
+    weight averaging (swa-start <- flat-la-average-from). A general key given another value is refused, so a
+    config never says two things; given the same value (a recorded, resolved config) it is accepted."""
+    implied = {
+        "sam-rho": (values["flat_la_rho"], "flat-la-rho"),
+        "swa-start": (flat_la_average_start(values["flat_la_average_from"], values["num_server_rounds"]),
+                      "flat-la-average-from"),
+        "server-opt": ("fedavgm", "server-momentum (0 = no momentum)"),
+    }
+    for key, (value, own_key) in implied.items():
+        name, default = key.replace("-", "_"), OPTIONS[key].default
+        if values[name] not in (default, value):
+            raise ConfigError(f"{key}: method 'flat-la' sets it ({value!r} here) from {own_key}; leave {key} at "
+                              f"{default!r} (got {values[name]!r})")
+        values[name] = value
+    if values["al_method"] != "none":
+        raise ConfigError("al-method: method 'flat-la' is for plain federated runs, not active learning")
+
+
 def resolve(run_config: Mapping[str, Any]) -> RunConfig:
     """Merge defaults < preset < explicit values and validate every key.
 
@@ -803,6 +839,8 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
             raise ConfigError(f"clients-per-round: method='rucr' with secure-aggregation='secagg' needs every client "
                               f"in every round (clients-per-round=0; got {values['clients_per_round']}): its "
                               "prototypes are the cohort's class means, and the masked sums run over all clients")
+    if values["method"] == "flat-la":
+        _set_flat_la_mechanisms(values)
     if values["swa_start"] > values["num_server_rounds"]:
         raise ConfigError(f"swa-start: round {values['swa_start']} is past num-server-rounds="
                           f"{values['num_server_rounds']}; nothing would be averaged (0 turns it off)")

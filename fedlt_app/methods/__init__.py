@@ -53,6 +53,9 @@ METHODS: dict[str, Method] = {
     "fedlc": Method(FedLCClient, ServerMethod),
     # fedlt's ablation of GRAPE-LA: one head, CE(z + τ·log π) with the federation's prior from summed counts
     "fedavg-la": Method(FedAvgLAClient, FedAvgLAServer),
+    # fedlt's method for item 4: FedAvg-LA's loss and prior; its SAM steps, server momentum and weight averaging are
+    # the shared loop's and the server's general mechanisms, which config.resolve sets from the flat-la-* keys
+    "flat-la": Method(FedAvgLAClient, FedAvgLAServer),
     "ratio-loss": Method(RatioLossClient, RatioLossServer),
     "climb": Method(ClimbClient, ClimbServer),
     "creff": Method(CReFFClient, CReFFServer),
