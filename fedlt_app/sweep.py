@@ -30,9 +30,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlt_app import report
+from fedlt_app import report, sweep_results
 from fedlt_app.config import recorded_value
-from fedlt_app.report import value_text
+from fedlt_app.run_folder import run_status
 from fedlt_app.sweep_grid import (
     Cell,
     SweepError,
@@ -44,6 +44,7 @@ from fedlt_app.sweep_grid import (
     selected,
     with_settings,
 )
+from fedlt_app.sweep_results import value_text
 
 APP_DIR = Path(__file__).resolve().parent.parent
 # Run-config keys that do not change a run's results: a finished run still
@@ -123,8 +124,8 @@ def cell_state(runs_dir: Path, name: str) -> CellState:
     (``methods.resumes_exactly``) is continued in its own folder; any other is re-run from round 1."""
     from fedlt_app.checkpoint import CHECKPOINT_FILE  # torch: only when a sweep plans its cells
 
-    attempts = report.attempts(runs_dir, name)
-    done = report.completed_attempt(runs_dir, name)
+    attempts = sweep_results.attempts(runs_dir, name)
+    done = sweep_results.completed_attempt(runs_dir, name)
     if done is not None:
         return CellState("completed", done, name)
     if not attempts:
@@ -132,7 +133,7 @@ def cell_state(runs_dir: Path, name: str) -> CellState:
     last = attempts[-1]  # oldest first
     if (last / CHECKPOINT_FILE).is_file() and replays_from_checkpoint(last):
         return CellState("resume", None, last.name, resume_from=last)
-    return CellState("partial", None, f"{name}-retry{report.retry_index(last.name, name) + 1}")
+    return CellState("partial", None, f"{name}-retry{sweep_results.retry_index(last.name, name) + 1}")
 
 
 def replays_from_checkpoint(run_dir: Path) -> bool:
@@ -320,7 +321,7 @@ def run_sweep(
         took = clock() - cell_started
         rounds = cell.run_config["num-server-rounds"]
         rounds_left -= rounds
-        status = report.run_status(run.run_dir) or ("partial" if run.run_dir.exists() else "no results")
+        status = run_status(run.run_dir) or ("partial" if run.run_dir.exists() else "no results")
         with open(sweep_dir / CELL_LOG, "a", encoding="utf-8") as cell_log:
             cell_log.write(json.dumps({
                 "cell": cell.name, "run_name": run.run_name, "exit_code": code, "status": status,
@@ -435,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             dry_run=args.dry_run,
             max_failures_in_a_row=args.max_failures_in_a_row,
         )
-    except (SweepError, report.ReportError) as err:
+    except (SweepError, sweep_results.ReportError) as err:
         print(f"fedlt-sweep: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

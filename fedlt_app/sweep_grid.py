@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fedlt_app.config import OPTIONS, ConfigError, defaults, load_preset, resolve
-from fedlt_app.report import value_text
+from fedlt_app.sweep_results import value_text
 
 # Launcher options: not run-config keys, but a cell may set them like one.
 # num-clients changes the experiment (it is part of a cell's identity);

@@ -18,7 +18,8 @@ PACKAGE = "fedlt_app"
 PACKAGE_DIR = Path(__file__).resolve().parent.parent / PACKAGE
 
 # Experiment tooling: starts, sweeps and reports on runs from outside a federation.
-TOOLING = ("fedlt_app.sweep", "fedlt_app.sweep_grid", "fedlt_app.report", "fedlt_app.launch", "fedlt_app.collect")
+TOOLING = ("fedlt_app.sweep", "fedlt_app.sweep_grid", "fedlt_app.sweep_results", "fedlt_app.report",
+           "fedlt_app.report_plots", "fedlt_app.launch", "fedlt_app.collect")
 # Command-line runners that live next to federation code but are tooling themselves (compare runs launch.run,
 # plot reports on finished runs with report's convergence rule).
 RUNNERS = ("fedlt_app.active.compare", "fedlt_app.active.plot")

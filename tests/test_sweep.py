@@ -17,8 +17,9 @@ from typing import Any
 import pytest
 from fixtures.fake_runs import fake_runner, write_run
 
-from fedlt_app import report, sweep, sweep_grid
+from fedlt_app import report, report_plots, sweep, sweep_grid, sweep_results
 from fedlt_app.config import defaults, resolve
+from fedlt_app.run_folder import run_status
 from fedlt_app.sweep_grid import SweepError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -236,8 +237,8 @@ def test_a_killed_sweep_resumes_and_reruns_the_partial_cell(tmp_path: Path) -> N
     with pytest.raises(KeyboardInterrupt):  # killed while its third cell runs
         sweep.run_sweep(spec, tmp_path, runner=fake_runner(kill=lambda n: n == names[2]), log=quiet())
     runs = tmp_path / "small" / "runs"
-    assert report.run_status(runs / names[0]) == "completed" and report.run_status(runs / names[1]) == "completed"
-    assert (runs / names[2] / "metrics.jsonl").exists() and report.run_status(runs / names[2]) is None
+    assert run_status(runs / names[0]) == "completed" and run_status(runs / names[1]) == "completed"
+    assert (runs / names[2] / "metrics.jsonl").exists() and run_status(runs / names[2]) is None
 
     calls: list[str] = []
     lines: list[str] = []
@@ -245,12 +246,12 @@ def test_a_killed_sweep_resumes_and_reruns_the_partial_cell(tmp_path: Path) -> N
     assert calls == [f"{names[2]}-retry1", *names[3:]]  # finished cells skipped, the partial one re-run
     assert outcome.skipped == names[:2] and outcome.ok
     assert any(f"re-running as {names[2]}-retry1" in line for line in lines)
-    assert report.completed_attempt(runs, names[2]) == runs / f"{names[2]}-retry1"
+    assert sweep_results.completed_attempt(runs, names[2]) == runs / f"{names[2]}-retry1"
 
     calls.clear()
     outcome = sweep.run_sweep(spec, tmp_path, runner=fake_runner(calls), log=quiet(), write_report=False)
     assert calls == [] and len(outcome.skipped) == len(names)
-    res = report.load(tmp_path / "small")
+    res = sweep_results.load(tmp_path / "small")
     assert set(res.runs) == set(names) and res.runs[names[2]].dir.name == f"{names[2]}-retry1"
 
 
@@ -287,13 +288,13 @@ def test_an_interrupted_cell_with_a_checkpoint_continues_in_its_own_folder(tmp_p
     assert fedavg.run_name == names[0] and fedavg.run_config["resume-from"] == str(runs.resolve() / names[0])
     assert f"resume-from='{runs.resolve() / names[0]}'" in fedavg.run_config_arg
     assert any(f"continuing {names[0]} from its checkpoint" in line for line in lines)
-    assert outcome.ok and report.completed_attempt(runs, names[0]) == runs / names[0]
+    assert outcome.ok and sweep_results.completed_attempt(runs, names[0]) == runs / names[0]
     if moon_persisted:
         assert moon.run_name == names[1] and moon.run_config["resume-from"] == str(runs.resolve() / names[1])
-        assert report.completed_attempt(runs, names[1]) == runs / names[1]
+        assert sweep_results.completed_attempt(runs, names[1]) == runs / names[1]
     else:
         assert moon.run_name == f"{names[1]}-retry1" and "resume-from" not in moon.run_config
-        assert report.completed_attempt(runs, names[1]) == runs / f"{names[1]}-retry1"
+        assert sweep_results.completed_attempt(runs, names[1]) == runs / f"{names[1]}-retry1"
     calls: list[str] = []
     sweep.run_sweep(spec, tmp_path, runner=fake_runner(calls), log=quiet(), write_report=False)
     assert calls == []  # the continued run counts as the cell's (resume-from is not part of its identity)
@@ -316,7 +317,7 @@ def test_a_failed_cell_is_reported_and_retried(tmp_path: Path) -> None:
 
     outcome = sweep.run_sweep(spec, tmp_path, runner=failing_runner, log=quiet(), write_report=False)
     assert outcome.failed == [names[1]] and not outcome.ok and len(outcome.ran) == len(names) - 1
-    assert report.load(tmp_path / "small").status[names[1]] == "failed"
+    assert sweep_results.load(tmp_path / "small").status[names[1]] == "failed"
     calls: list[str] = []
     outcome = sweep.run_sweep(spec, tmp_path, runner=fake_runner(calls), log=quiet(), write_report=False)
     assert calls == [f"{names[1]}-retry1"] and outcome.ok
@@ -481,12 +482,12 @@ def test_table_md_has_every_metric_and_the_unfinished_cell(fixture_sweep: Path) 
 
 
 def test_stats_helpers() -> None:
-    assert report.mean_std([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
-    assert report.mean_std([0.5]) == (0.5, None)
-    assert report.format_stat(report.Stat(0.95731, None, 1, 1)) == "95.73"
-    assert report.format_stat(report.Stat(None, None, 0, 3)) == "—"
-    assert report.last_mean([{"a": v} for v in range(20)], "a") == pytest.approx(14.5)
-    assert report.last_mean([{"a": None}], "a") is None
+    assert sweep_results.mean_std([0.5, 0.7]) == pytest.approx((0.6, math.sqrt(0.02)))
+    assert sweep_results.mean_std([0.5]) == (0.5, None)
+    assert report.format_stat(sweep_results.Stat(0.95731, None, 1, 1)) == "95.73"
+    assert report.format_stat(sweep_results.Stat(None, None, 0, 3)) == "—"
+    assert sweep_results.last_mean([{"a": v} for v in range(20)], "a") == pytest.approx(14.5)
+    assert sweep_results.last_mean([{"a": None}], "a") is None
 
 
 def test_runs_csv_and_plots(fixture_sweep: Path) -> None:
@@ -500,8 +501,8 @@ def test_runs_csv_and_plots(fixture_sweep: Path) -> None:
         "ablation-imbalance-ratio-all.png", "ablation-imbalance-ratio-final-all.png",
     ])
     assert all((fixture_sweep / "plots" / p).read_bytes()[:4] == b"\x89PNG" for p in plots)
-    res = report.load(fixture_sweep)
-    curves = report.curves(res, ["imbalance-ratio"], ["10"], ["method"])
+    res = sweep_results.load(fixture_sweep)
+    curves = report_plots.curves(res, ["imbalance-ratio"], ["10"], ["method"])
     assert sorted(curves) == [("fedavg",), ("fedprox",), ("redgrape",)]
     xs, ys = curves[("fedavg",)]
     assert xs == list(range(1, 13))
@@ -511,8 +512,8 @@ def test_runs_csv_and_plots(fixture_sweep: Path) -> None:
 
 
 def test_load_refuses_a_folder_without_a_sweep(tmp_path: Path) -> None:
-    with pytest.raises(report.ReportError, match="no sweep results"):
-        report.load(tmp_path)
+    with pytest.raises(sweep_results.ReportError, match="no sweep results"):
+        sweep_results.load(tmp_path)
 
 
 def test_notebook_renders_a_results_folder(fixture_sweep: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -591,17 +592,17 @@ def test_paired_needs_a_grid_key_and_one_of_its_values() -> None:
 
 def test_last10_drift_and_plateau_round() -> None:
     rising = [{"accuracy": min(0.9, 0.1 * r)} for r in range(1, 41)]  # climbs to 0.9 at round 9, then flat
-    assert report.last10_drift(rising, "accuracy") == pytest.approx(0.0)
-    assert report.last10_drift(rising[:15], "accuracy") is None  # shorter than two windows
+    assert sweep_results.last10_drift(rising, "accuracy") == pytest.approx(0.0)
+    assert sweep_results.last10_drift(rising[:15], "accuracy") is None  # shorter than two windows
     # last-10 mean at N (rounds N-9..N) vs N+10: equal from N = 18 (both windows flat at 0.9), one point
     # apart at N = 17 (0.89 vs 0.90), three at N = 16. Tolerances away from those steps: exactly one point
     # apart is a float-rounding coin toss (Python 3.12's sum() rounds differently from 3.11's).
-    assert report.plateau_round(rising, "accuracy", tolerance=0.015) == 17
-    assert report.plateau_round(rising, "accuracy", tolerance=0.005) == 18
-    assert report.plateau_round(rising, "accuracy", tolerance=0.04) == 16
+    assert sweep_results.plateau_round(rising, "accuracy", tolerance=0.015) == 17
+    assert sweep_results.plateau_round(rising, "accuracy", tolerance=0.005) == 18
+    assert sweep_results.plateau_round(rising, "accuracy", tolerance=0.04) == 16
     wobbly = rising + [{"accuracy": 0.5}] * 10
-    assert report.plateau_round(wobbly, "accuracy") is None
-    assert report.last10_drift(wobbly, "accuracy") == pytest.approx(-0.4)
+    assert sweep_results.plateau_round(wobbly, "accuracy") is None
+    assert sweep_results.last10_drift(wobbly, "accuracy") == pytest.approx(-0.4)
 
 
 def test_table_says_where_its_runs_computed(tmp_path: Path) -> None:
@@ -610,15 +611,15 @@ def test_table_says_where_its_runs_computed(tmp_path: Path) -> None:
                "b": {"server_machine": epyc, "server_device": "cpu"},
                "c": {"server_machine": epyc, "server_device": "cuda"},
                "d": {}}  # a run written before server_machine was recorded
-    runs = {n: report.Run({"name": n, "coords": {}}, tmp_path / n, [], c) for n, c in configs.items()}
-    res = report.SweepResults(tmp_path, {"cells": []}, runs, {n: "completed" for n in runs})
+    runs = {n: sweep_results.Run({"name": n, "coords": {}}, tmp_path / n, [], c) for n, c in configs.items()}
+    res = sweep_results.SweepResults(tmp_path, {"cells": []}, runs, {n: "completed" for n in runs})
     assert report.machines(res) == [("AMD EPYC (AVX2), torch 2.14.1", ["a", "b"]),
                                     ("AMD EPYC (AVX2), torch 2.14.1, GPU NVIDIA H200", ["c"]),
                                     (report.NOT_RECORDED, ["d"])]
     text = report.machines_section(res)
     assert "- AMD EPYC (AVX2), torch 2.14.1: 2 run(s): `a`, `b`" in text
     assert "paired differences include it" in text  # more than one machine: the table says what that means
-    one = report.SweepResults(tmp_path, {"cells": []}, {"a": runs["a"]}, {"a": "completed"})
+    one = sweep_results.SweepResults(tmp_path, {"cells": []}, {"a": runs["a"]}, {"a": "completed"})
     assert "paired differences include it" not in report.machines_section(one)
 
 
@@ -630,8 +631,8 @@ def test_the_written_table_lists_the_machines(paired_sweep: Path) -> None:
 def test_per_class_means_are_the_tables_last_ten_round_means(fixture_sweep: Path) -> None:
     """The per-class figure shows the statistic the tables show (last-10-round mean, then mean over seeds),
     not the last round alone."""
-    res = report.load(fixture_sweep)
-    values = report.per_class_means(res, ["10"])
+    res = sweep_results.load(fixture_sweep)
+    values = report_plots.per_class_means(res, ["10"])
     expected = []
     for seed in (0, 1, 2):
         path = fixture_sweep / "runs" / f"method-fedprox__imbalance-ratio-10__seed-{seed}" / "metrics.jsonl"
@@ -642,10 +643,10 @@ def test_per_class_means_are_the_tables_last_ten_round_means(fixture_sweep: Path
         (fixture_sweep / "runs" / f"method-fedprox__imbalance-ratio-10__seed-{s}" / "metrics.jsonl")
         .read_text().splitlines()[-1])["per_class_accuracy"][0] for s in (0, 1, 2))
     assert values[("fedprox",)][0] != pytest.approx(last_round_mean)  # the fixture's accuracy rises every round
-    assert report.class_counts_of(res, ["10"]) == [600, 359, 215, 129, 77, 46, 27, 16, 9, 6]
+    assert report_plots.class_counts_of(res, ["10"]) == [600, 359, 215, 129, 77, 46, 27, 16, 9, 6]
 
 
-def many_methods_sweep(root: Path, methods: int, rounds: int) -> report.SweepResults:
+def many_methods_sweep(root: Path, methods: int, rounds: int) -> sweep_results.SweepResults:
     """A finished one-seed sweep of ``methods`` rows (FedProx at different μ, each its own row label)."""
     spec = sweep_grid.parse_spec({
         "name": "many", "base": {"num-server-rounds": rounds, "samples-per-class": 50}, "num-clients": 3,
@@ -653,27 +654,27 @@ def many_methods_sweep(root: Path, methods: int, rounds: int) -> report.SweepRes
         "seeds": [0],
     })
     sweep.run_sweep(spec, root, runner=fake_runner(), log=quiet())
-    return report.load(root / "many")
+    return sweep_results.load(root / "many")
 
 
 def test_sweep_plots_stay_readable_with_many_methods(tmp_path: Path) -> None:
     """Past six rows the legend leaves the axes and per-class bars become a rows × classes map; runs of 20
     rounds or more get a panel with their last half."""
     few = many_methods_sweep(tmp_path / "few", methods=3, rounds=12)
-    fig = report.plot_curves(few, few.columns[0])
+    fig = report_plots.plot_curves(few, few.columns[0])
     assert len(fig.axes) == 1 and fig.axes[0].get_legend() is not None and not fig.legends
-    assert not report.plot_per_class(few, few.columns[0]).axes[0].images  # bars
+    assert not report_plots.plot_per_class(few, few.columns[0]).axes[0].images  # bars
 
     many = many_methods_sweep(tmp_path / "many", methods=12, rounds=24)
-    fig = report.plot_curves(many, many.columns[0])
+    fig = report_plots.plot_curves(many, many.columns[0])
     whole, late = fig.axes
     assert len(whole.lines) == len(late.lines) == 12 and len(fig.legends) == 1
     assert [int(x) for x in late.lines[0].get_xdata()] == list(range(13, 25))
     styles = {(line.get_color(), line.get_linestyle()) for line in whole.lines}
     assert len(styles) == 12  # the default colour cycle repeats after ten
-    per_class = report.plot_per_class(many, many.columns[0])
+    per_class = report_plots.plot_per_class(many, many.columns[0])
     (image,) = per_class.axes[0].images
-    values = report.per_class_means(many, many.columns[0])
+    values = report_plots.per_class_means(many, many.columns[0])
     assert image.get_array().shape == (12, 10)
     assert image.get_array()[3][7] == pytest.approx(100 * values[many.rows[3]][7])
     assert per_class.axes[0].get_xticklabels()[0].get_text() == "0\n(600)"

@@ -21,8 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedlt_app.report import machines_lines, plateau_round
+from fedlt_app.report import machines_lines
 from fedlt_app.run_folder import completed
+from fedlt_app.sweep_results import plateau_round
 
 REFERENCE = "fairfal"  # the method the paired differences are taken against
 METRICS = (("accuracy", "acc."), ("tail_accuracy", "tail"))  # metrics.jsonl key, column label
