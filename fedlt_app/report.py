@@ -41,13 +41,14 @@ from fedlt_app.report_plots import write_plots
 from fedlt_app.results import LAST_ROUNDS
 from fedlt_app.sweep_results import (
     DDOF,
+    SAFE,
     ReportError,
     Stat,
     SweepResults,
     last10_drift,
     last_mean,
     load,
-    paired_reference,
+    paired_references,
     paired_stat,
     plateau_round,
     stat,
@@ -128,18 +129,25 @@ def format_difference(s: Stat) -> str:
     return text if s.n == s.planned else f"{text} ({s.n}/{s.planned} seeds paired)"
 
 
-def paired_table(res: SweepResults, metric: str = "accuracy") -> list[list[str]]:
-    """The table's layout without the reference entries; each entry a paired difference to the reference."""
+def paired_table(res: SweepResults, metric: str = "accuracy", reference: str | None = None) -> list[list[str]]:
+    """The table's layout without the reference's entries; each entry a paired difference to ``reference``
+    (default: the sweep's main one)."""
     header = [" / ".join(res.axis_label(k) for k in res.row_keys)]
-    columns = [c for c in res.columns if any(paired_stat(res, r, c, metric) for r in res.rows)]
+    columns = [c for c in res.columns if any(paired_stat(res, r, c, metric, reference) for r in res.rows)]
     header += [res.column_label(c) for c in columns]
     lines = [header]
     for row in res.rows:
-        stats = [paired_stat(res, row, column, metric) for column in columns]
+        stats = [paired_stat(res, row, column, metric, reference) for column in columns]
         if all(s is None for s in stats):
             continue
         lines.append([res.row_label(row)] + ["" if s is None else format_difference(s) for s in stats])
     return lines
+
+
+def paired_stem(stem: str, references: Sequence[str], reference: str) -> str:
+    """The csv file of a paired table: ``table-paired`` for the main reference, ``table-paired-<value>`` else."""
+    suffix = "" if reference == references[0] else "-" + SAFE.sub("_", reference)
+    return f"{stem}-paired{suffix}"
 
 
 def markdown_table(lines: Sequence[Sequence[str]]) -> str:
@@ -164,9 +172,8 @@ def markdown(res: SweepResults) -> str:
     )
     for metric in METRICS:
         parts.append(f"## {metric.title}\n\n{markdown_table(table(res, metric.key))}")
-    paired = paired_reference(res)
-    if paired:
-        key, reference = paired
+    key, references = paired_references(res) or ("", [])
+    for reference in references:
         parts.append(
             f"## Paired differences to {res.coord_label(key, reference)}\n\n"
             f"Per seed, a run's last-{LAST_ROUNDS} mean minus that of the run with the same seed and grid values but "
@@ -175,7 +182,7 @@ def markdown(res: SweepResults) -> str:
             f"{NEEDS_SEEDS}: the mean difference is smaller than its spread, so this comparison needs more seeds."
         )
         for metric in PAIRED_METRICS:
-            parts.append(f"### {metric.title}\n\n{markdown_table(paired_table(res, metric.key))}")
+            parts.append(f"### {metric.title}\n\n{markdown_table(paired_table(res, metric.key, reference))}")
     if any(len(run.rounds) >= 2 * LAST_ROUNDS for run in res.runs.values()):
         parts.append(
             "## Convergence\n\n"
@@ -281,10 +288,11 @@ def write_tables(res: SweepResults) -> list[Path]:
         path = res.root / f"{metric.stem}.csv"
         path.write_text(_csv_text(table(res, metric.key)))
         written.append(path)
-    if paired_reference(res):
+    _, references = paired_references(res) or ("", [])
+    for reference in references:
         for metric in PAIRED_METRICS:
-            path = res.root / f"{metric.stem}-paired.csv"
-            path.write_text(_csv_text(paired_table(res, metric.key)))
+            path = res.root / f"{paired_stem(metric.stem, references, reference)}.csv"
+            path.write_text(_csv_text(paired_table(res, metric.key, reference)))
             written.append(path)
     path = res.root / "runs.csv"
     path.write_text(_csv_text(runs_table(res)))

@@ -209,7 +209,7 @@ def sweep_manifest(spec: SweepSpec, cells: Sequence[Cell]) -> dict[str, Any]:
         "rows": list(spec.rows),
         "columns": list(spec.columns),
         "ablation": spec.ablation,
-        "paired": {"key": spec.paired[0], "reference": spec.paired[1]} if spec.paired else None,
+        "paired": {"key": spec.paired[0], "references": list(spec.paired[1])} if spec.paired else None,
         "seeds": list(spec.seeds),
         "axes": [
             {"key": a.key, "values": [value_text(v) for v in a.values], "bundle": a.is_bundle} for a in spec.axes

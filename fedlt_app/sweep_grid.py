@@ -74,7 +74,8 @@ class SweepSpec:
     overrides: tuple[Override, ...]
     exclude: tuple[Mapping[str, Any], ...]
     ablation: str | None
-    paired: tuple[str, str] | None  # (grid key, reference value): tables of per-seed differences to it
+    # (grid key, reference values): tables of per-seed differences to each (the first: table-paired.csv)
+    paired: tuple[str, tuple[str, ...]] | None
     axis_labels: Mapping[str, str]
     value_labels: Mapping[str, Mapping[str, str]]
     launcher: Mapping[str, Any]
@@ -229,18 +230,27 @@ def parse_spec(data: Mapping[str, Any], default_name: str = "", source: str = ""
     )
 
 
-def _parse_paired(value: Any, axes: Sequence[Axis]) -> tuple[str, str] | None:
-    """``paired: {key: method, reference: fedavg}``: compare every value of ``key`` with the reference, per seed."""
+def _parse_paired(value: Any, axes: Sequence[Axis]) -> tuple[str, tuple[str, ...]] | None:
+    """``paired: {key: method, reference: fedavg}``: compare every value of ``key`` with the reference, per seed;
+    ``reference: [fedavg, mine]``: with each of them, a table each (e.g. the baseline, and a method every other
+    one must trail on every seed)."""
     if value is None:
         return None
     item = _mapping(value, "paired")
     if set(item) != {"key", "reference"}:
-        raise SweepError("paired: expected {key: <grid key>, reference: <one of its values>}")
-    _check_grid_match({str(item["key"]): item["reference"]}, axes, "paired")
+        raise SweepError("paired: expected {key: <grid key>, reference: <one of its values, or a list of them>}")
     key = str(item["key"])
+    references = item["reference"] if isinstance(item["reference"], list) else [item["reference"]]
+    if not references:
+        raise SweepError("paired: reference: an empty list; name at least one value of the grid key")
+    for reference in references:
+        _check_grid_match({key: reference}, axes, "paired")
+    texts = tuple(value_text(r) for r in references)
+    if len(set(texts)) < len(texts):
+        raise SweepError(f"paired: reference: a value twice in {list(texts)}")
     if len(next(a for a in axes if a.key == key).values) < 2:
         raise SweepError(f"paired: grid key {key!r} has a single value; nothing to compare with the reference")
-    return key, value_text(item["reference"])
+    return key, texts
 
 
 def _check_grid_match(match: Mapping[str, Any], axes: Sequence[Axis], where: str) -> None:

@@ -257,10 +257,15 @@ def plateau_round(rounds: Sequence[dict[str, Any]], metric: str, tolerance: floa
     return plateau
 
 
-def paired_reference(res: SweepResults) -> tuple[str, str] | None:
-    """The sweep's ``paired`` (grid key, reference value), if it names one."""
+def paired_references(res: SweepResults) -> tuple[str, list[str]] | None:
+    """The sweep's ``paired``: (grid key, its reference values, the main one first), if it names one.
+
+    Manifests written before several references were allowed name one, as ``reference``."""
     paired = res.meta.get("paired")
-    return (str(paired["key"]), str(paired["reference"])) if paired else None
+    if not paired:
+        return None
+    references = paired["references"] if "references" in paired else [paired["reference"]]
+    return str(paired["key"]), [str(r) for r in references]
 
 
 def partner(res: SweepResults, cell: dict[str, Any], key: str, reference: str) -> dict[str, Any] | None:
@@ -272,12 +277,15 @@ def partner(res: SweepResults, cell: dict[str, Any], key: str, reference: str) -
     return None
 
 
-def paired_stat(res: SweepResults, row: Sequence[str], column: Sequence[str], metric: str) -> Stat | None:
-    """Per seed, this entry's last-10 mean minus its partner's at the reference; None for the reference itself.
+def paired_stat(res: SweepResults, row: Sequence[str], column: Sequence[str], metric: str,
+                reference: str | None = None) -> Stat | None:
+    """Per seed, this entry's last-10 mean minus its partner's at ``reference`` (default: the sweep's main one);
+    None for the reference itself.
 
     Only seeds where both runs completed count; ``values`` holds the per-seed differences.
     """
-    key, reference = paired_reference(res) or ("", "")
+    key, references = paired_references(res) or ("", [""])
+    reference = references[0] if reference is None else reference
     cells = res.cells_at((res.row_keys, row), (res.column_keys, column))
     if not cells or any(value_text(c["coords"][key]) == reference for c in cells):
         return None

@@ -547,7 +547,7 @@ def last10(sweep_dir: Path, cell: str, metric: str) -> float | None:
 @pytest.fixture(scope="module")
 def paired_sweep(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("paired")
-    spec = small_spec(name="paired", paired={"key": "method", "reference": "fedavg"})
+    spec = small_spec(name="paired", paired={"key": "method", "reference": ["fedavg", "redgrape"]})
     missing = "method-redgrape__imbalance-ratio-100__seed-2"
     sweep.run_sweep(spec, out, runner=fake_runner(fail=lambda n: n == missing), log=quiet())
     return out / "paired"
@@ -581,6 +581,32 @@ def test_paired_differences_to_the_reference_per_seed(paired_sweep: Path, stem: 
     assert "‡: the mean difference is smaller than its spread" in text
 
 
+def test_a_second_reference_gets_tables_of_its_own(paired_sweep: Path) -> None:
+    """``reference: [fedavg, redgrape]``: besides the main tables, every other method's per-seed difference to
+    RedGrape (``table-paired-redgrape.csv``, a table.md section); seeds where either run is missing do not pair."""
+    lines = read_csv(paired_sweep / "table-paired-redgrape.csv")
+    assert [line[0] for line in lines[1:]] == ["FedAvg+CE", "FedProx"]  # no row for RedGrape itself
+    for line, method in zip(lines[1:], ["fedavg", "fedprox"], strict=True):
+        for entry, ir in zip(line[1:], ("10", "100"), strict=True):
+            diffs = [last10(paired_sweep, f"method-{method}__imbalance-ratio-{ir}__seed-{seed}", "accuracy")
+                     - last10(paired_sweep, f"method-redgrape__imbalance-ratio-{ir}__seed-{seed}", "accuracy")
+                     for seed in (0, 1, 2)
+                     if (paired_sweep / "runs" / f"method-redgrape__imbalance-ratio-{ir}__seed-{seed}"
+                         / "metrics.jsonl").exists()]
+            assert entry.startswith(f"{statistics.mean(diffs):+.2f} ± {statistics.stdev(diffs):.2f} (")
+            assert entry.endswith("(2/3 seeds paired)") == (ir == "100")
+    assert (paired_sweep / "table-tail-paired-redgrape.csv").is_file()
+    text = (paired_sweep / "table.md").read_text()
+    assert text.index("## Paired differences to FedAvg+CE") < text.index("## Paired differences to RedGrape")
+    assert json.loads((paired_sweep / "sweep.json").read_text())["paired"] == {
+        "key": "method", "references": ["fedavg", "redgrape"]}
+
+
+def test_a_manifest_from_before_several_references_still_pairs() -> None:
+    old = sweep_results.SweepResults(Path("."), {"paired": {"key": "method", "reference": "fedavg"}}, {}, {})
+    assert sweep_results.paired_references(old) == ("method", ["fedavg"])
+
+
 def test_paired_needs_a_grid_key_and_one_of_its_values() -> None:
     with pytest.raises(SweepError, match="paired: 'seed' is not a grid key"):
         small_spec(paired={"key": "seed", "reference": 0})
@@ -588,6 +614,12 @@ def test_paired_needs_a_grid_key_and_one_of_its_values() -> None:
         small_spec(paired={"key": "method", "reference": "fedadam"})
     with pytest.raises(SweepError, match="paired: expected"):
         small_spec(paired={"key": "method"})
+    with pytest.raises(SweepError, match="paired: 'fedadam' is not a value of grid key 'method'"):
+        small_spec(paired={"key": "method", "reference": ["fedavg", "fedadam"]})
+    with pytest.raises(SweepError, match="paired: reference: a value twice"):
+        small_spec(paired={"key": "method", "reference": ["fedavg", "fedavg"]})
+    with pytest.raises(SweepError, match="paired: reference: an empty list"):
+        small_spec(paired={"key": "method", "reference": []})
 
 
 def test_last10_drift_and_plateau_round() -> None:
