@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -179,13 +180,20 @@ def main() -> None:
                              "evaluated last (final_model.pt: a weight average, a calibrated head)")
     parser.add_argument("-o", "--output", type=Path, required=True, help="folder for ceiling.json and ceiling.md")
     args = parser.parse_args()
-    reports = []
-    args.output.mkdir(parents=True, exist_ok=True)
-    for run in args.runs:
-        reports.append(ceiling(run, which=args.model))
-        (args.output / "ceiling.json").write_text(json.dumps(reports, indent=1) + "\n")  # as each run finishes
-        (args.output / "ceiling.md").write_text(markdown(reports))
-        print(markdown(reports[-1:]))
+    report_each(args.runs, lambda run: ceiling(run, which=args.model), args.output / "ceiling", markdown)
+
+
+def report_each(runs: list[Path], measure: Callable[[Path], dict], stem: Path,
+                markdown: Callable[[list[dict]], str]) -> None:
+    """Measure each run in turn, rewriting ``stem``.json and ``stem``.md after every one, so that what a long
+    probe has measured is on disk if a later run fails."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    reports: list[dict] = []
+    for run in runs:
+        reports.append(measure(run))
+        stem.with_suffix(".json").write_text(json.dumps(reports, indent=1) + "\n")
+        stem.with_suffix(".md").write_text(markdown(reports))
+        print(markdown(reports[-1:]), flush=True)
 
 
 if __name__ == "__main__":

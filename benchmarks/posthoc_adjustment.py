@@ -1,0 +1,96 @@
+"""Does a run's trained-in logit adjustment under- or over-correct the long tail at test time?
+
+A method trained with the logit-adjusted loss (FedAvg-LA, FLAT-LA, GRAPE-LA) builds a margin of τ·log π into
+its head during training; Menon et al. (ICLR 2021) show it is the balanced error's consistent choice at τ 1, but
+their argument assumes the loss is not driven to zero. Once the long tail is memorised (fedlt's converged runs:
+training loss 0.02-0.05), the margin the network keeps at test time can differ from the one the loss asked for.
+This script measures it on a finished run's final network: the test accuracy of the logits z − τ'·log π for a
+grid of extra strengths τ' (π the federation's long-tailed training prior; τ' 0 is the run's own accuracy).
+A maximum at τ' > 0 means the head under-corrects: the case for training with a larger τ.
+
+It reads the test set, so it is a diagnostic and not a way to choose τ' for a method: a τ' picked here would be
+tuned on test data. fedlt's method keys are chosen before such a reading (see README, "fedlt's method: FLAT-LA").
+
+    python benchmarks/posthoc_adjustment.py RUN_DIR [RUN_DIR ...] -o results/posthoc-adjustment
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from fedlt_app.config import RunConfig
+from fedlt_app.data.longtail import tail_classes
+
+_HERE = Path(__file__).resolve().parent
+_spec = importlib.util.spec_from_file_location("classifier_ceiling", _HERE / "classifier_ceiling.py")
+assert _spec is not None and _spec.loader is not None
+_ceiling = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_ceiling)
+
+DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def adjusted_logits(logits: Tensor, class_counts: list[int] | Tensor, strength: float) -> Tensor:
+    """``logits − strength · log π`` with π the normalised class counts (Menon et al.'s post-hoc adjustment)."""
+    counts = torch.as_tensor(class_counts, dtype=torch.float32)
+    return logits - strength * torch.log(counts / counts.sum())
+
+
+def trained_tau(cfg: RunConfig) -> float | None:
+    """The strength of the adjustment the run trained with; None for a method without one."""
+    if cfg.method in ("fedavg-la", "flat-la"):
+        return cfg.fedavg_la_tau
+    return cfg.grape_la_tau if cfg.method == "grape-la" else None
+
+
+def adjustment_sweep(run_dir: Path, strengths: tuple[float, ...] = DEFAULT_STRENGTHS, which: str = "final") -> dict:
+    """Test accuracy of ``run_dir``'s network (``which``: ``final`` or ``checkpoint``, as the classifier ceiling's
+    probes) under each extra adjustment strength."""
+    model, cfg, data, last_round = _ceiling.probed_model(run_dir, which)
+    test_images, test_labels = data.test_data()
+    with torch.no_grad():
+        logits = model.classifier(_ceiling.features_of(model.encoder, test_images, cfg.dataset)).float()
+    tail = tail_classes(data.class_counts)
+    by_strength = {str(s): _ceiling.accuracies(adjusted_logits(logits, data.class_counts, s), test_labels, tail,
+                                               data.num_classes) for s in strengths}
+    return {"run": run_dir.name, "model": which, "method": cfg.method, "seed": cfg.seed, "round": last_round,
+            "trained_tau": trained_tau(cfg),
+            "class_counts": list(data.class_counts), "strengths": by_strength}
+
+
+def markdown(reports: list[dict]) -> str:
+    strengths = list(reports[0]["strengths"]) if reports else []
+    lines = ["# Post-hoc adjustment on top of finished runs", "",
+             ("Test accuracy (balanced / tail, %) of each run's final network with its logits adjusted by a further "
+              "τ'·log π (τ' 0: the run's own accuracy). A diagnostic on test data, not a way to choose τ': "
+              "`benchmarks/posthoc_adjustment.py` explains."), "",
+             "| run | round | " + " | ".join(f"τ' {s}" for s in strengths) + " |",
+             "|---|---|" + "---|" * len(strengths)]
+    for r in reports:
+        cells = [f"{100 * r['strengths'][s]['accuracy']:.2f} / {100 * r['strengths'][s]['tail_accuracy']:.2f}"
+                 for s in strengths]
+        lines.append(f"| {r['run']} ({r['model']}, τ {r['trained_tau']}) | {r['round']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("runs", nargs="+", type=Path, help="finished run folders (final_model.pt or checkpoint.pt)")
+    parser.add_argument("--model", choices=("checkpoint", "final"), default="final",
+                        help="final: the network the run evaluated last (a weight average with swa-start); "
+                             "checkpoint: the last global model")
+    parser.add_argument("--strengths", type=lambda s: tuple(float(v) for v in s.split(",")),
+                        default=DEFAULT_STRENGTHS, help="comma-separated extra strengths τ' (default 0,0.25,...,1)")
+    parser.add_argument("-o", "--output", type=Path, required=True, help="folder for adjustment.json and .md")
+    args = parser.parse_args()
+    _ceiling.report_each(args.runs, lambda run: adjustment_sweep(run, args.strengths, args.model),
+                         args.output / "adjustment", markdown)
+
+
+if __name__ == "__main__":
+    main()
