@@ -47,7 +47,7 @@ from torch import Tensor
 from torch.nn import functional as F
 
 from fedlt_app.checkpoint import load_checkpoint, load_final_model
-from fedlt_app.config import RunConfig, resolve
+from fedlt_app.config import RunConfig, resolve_recorded
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data.federated import FederatedData, first_per_class
 from fedlt_app.data.longtail import tail_classes
@@ -100,10 +100,10 @@ def probed_model(run_dir: Path, which: str) -> tuple[EncoderClassifier, RunConfi
     weight average, with CCVR or CReFF the calibrated head)."""
     if which == "final":
         saved = load_final_model(run_dir)
-        cfg, num_clients, state = resolve(saved["run_config"]), int(saved["num_clients"]), saved["state"]
+        cfg, num_clients, state = resolve_recorded(saved["run_config"]), int(saved["num_clients"]), saved["state"]
     else:
         saved = load_checkpoint(run_dir)
-        cfg = resolve(saved["run_config"])
+        cfg = resolve_recorded(saved["run_config"])
         num_clients = int(json.loads((run_dir / "config.json").read_text())["num_clients"])
         state = {k: torch.from_numpy(np.asarray(v)) for k, v in saved["arrays"].items()}
     data = federated_data(cfg, num_clients)

@@ -317,6 +317,10 @@ SCHEMA: tuple[Option, ...] = (
            one_of("global", "local")),
     Option("fedavg-la-tau", float, 1.0, "FedAvg-LA: strength tau of the logit adjustment (0 = FedAvg+CE exactly)",
            at_least(0.0)),
+    Option("flat-la-tau", float, 1.5,
+           "FLAT-LA (fedlt's method: FedAvg-LA's loss, flat minima): strength tau of its logit adjustment (it sets "
+           "fedavg-la-tau; 0 = cross-entropy). 1.5, not FedAvg-LA's 1: once the long tail is memorised, the margin "
+           "tau 1 trains in under-corrects at test time (README 'fedlt's method: FLAT-LA')", at_least(0.0)),
     Option("flat-la-rho", float, 0.05,
            "FLAT-LA (fedlt's method: FedAvg-LA's loss, flat minima): the SAM radius of its local steps (it sets "
            "sam-rho; 0 = plain SGD steps)", at_least(0.0)),
@@ -574,6 +578,7 @@ class RunConfig:
     grape_la_tau: float
     fedavg_la_prior: str
     fedavg_la_tau: float
+    flat_la_tau: float
     flat_la_rho: float
     flat_la_average_from: float
     clip_weights: str
@@ -712,6 +717,9 @@ BEFORE_KEY: dict[str, Callable[[Mapping[str, Any]], Any]] = {
     # CReFF re-trained at the local lr; for other methods the key changes nothing
     "creff-retrain-lr": lambda ran: ran.get("local-lr") if ran.get("method") == "creff" else OPTIONS[
         "creff-retrain-lr"].default,
+    # FLAT-LA took its strength from fedavg-la-tau (1 by default) before flat-la-tau (1.5) existed
+    "flat-la-tau": lambda ran: ran.get("fedavg-la-tau", 1.0) if ran.get("method") == "flat-la" else OPTIONS[
+        "flat-la-tau"].default,
 }
 
 
@@ -728,6 +736,12 @@ def recorded_value(ran: Mapping[str, Any], key: str) -> Any:
     return OPTIONS[key].default if key in OPTIONS else None
 
 
+def resolve_recorded(ran: Mapping[str, Any]) -> RunConfig:
+    """The config a recorded run (config.json, a checkpoint, a final model) ran with, resolved: keys added
+    since it ran take the value that reproduces what it did (:func:`recorded_value`), not today's default."""
+    return resolve({key: recorded_value(ran, key) for key in OPTIONS})
+
+
 def flat_la_average_start(fraction: float, num_server_rounds: int) -> int:
     """The first averaged round of FLAT-LA's ``flat-la-average-from`` (0: no averaging): past the fraction's
     share of the rounds, e.g. 0.5 of 100 rounds -> round 51."""
@@ -735,11 +749,13 @@ def flat_la_average_start(fraction: float, num_server_rounds: int) -> int:
 
 
 def _set_flat_la_mechanisms(values: dict[str, Any]) -> None:
-    """FLAT-LA is FedAvg-LA's loss over three of fedlt's general mechanisms, set from its own keys: SAM local
-    steps (sam-rho <- flat-la-rho), server momentum (server-opt <- fedavgm, at server-momentum) and server-side
-    weight averaging (swa-start <- flat-la-average-from). A general key given another value is refused, so a
+    """FLAT-LA is FedAvg-LA's loss over three of fedlt's general mechanisms, set from its own keys: the
+    adjustment's strength (fedavg-la-tau <- flat-la-tau), SAM local steps (sam-rho <- flat-la-rho), server
+    momentum (server-opt <- fedavgm, at server-momentum) and server-side weight averaging (swa-start <-
+    flat-la-average-from). A general key given another value is refused, so a
     config never says two things; given the same value (a recorded, resolved config) it is accepted."""
     implied = {
+        "fedavg-la-tau": (values["flat_la_tau"], "flat-la-tau"),
         "sam-rho": (values["flat_la_rho"], "flat-la-rho"),
         "swa-start": (flat_la_average_start(values["flat_la_average_from"], values["num_server_rounds"]),
                       "flat-la-average-from"),

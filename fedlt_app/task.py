@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from fedlt_app.checkpoint import load_final_model
-from fedlt_app.config import RunConfig, resolve
+from fedlt_app.config import RunConfig, resolve_recorded
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data import FederatedData
 from fedlt_app.methods import get_method
@@ -95,7 +95,7 @@ def trained_model(run_dir: Path) -> tuple[EncoderClassifier, RunConfig]:
     """The network a finished run measured its last accuracy on (``final_model.pt``), in eval mode, with the
     run's config: e.g. ``model(to_float(images, cfg.dataset))`` classifies as the run's last round did."""
     saved = load_final_model(run_dir)
-    cfg = resolve(saved["run_config"])
+    cfg = resolve_recorded(saved["run_config"])
     model = method_model(cfg, federated_data(cfg, saved["num_clients"]))
     model.load_travelling_state(saved["state"])
     return model.eval(), cfg
