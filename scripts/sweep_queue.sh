@@ -14,8 +14,12 @@ bad=$(cells | awk 'NF != 2' | head -1)
 [ -z "$bad" ] || { echo "$queue: expected 'SETTING SEED', got '$bad'" >&2; exit 2; }
 [ -n "$(cells)" ] || { echo "$queue: no cells" >&2; exit 2; }
 join() { cells | awk -v f="$1" '{print $f}' | sort -u | paste -sd, -; }
-.venv/bin/fedlt-sweep "$spec" --only "setting=$(join 1)" --only "seed=$(join 2)" --dry-run >/dev/null
+plan=$(.venv/bin/fedlt-sweep "$spec" --only "setting=$(join 1)" --only "seed=$(join 2)" --dry-run)
+# the cells that plan finds finished are passed over here: a fedlt-sweep call would only skip them, after
+# rewriting the sweep's tables and plots (seconds each, minutes over a long queue)
+finished() { grep -qF " ${1}__seed-${2}: finished, skip" <<<"$plan"; }
 cells | while read -r setting seed; do
+  ! finished "$setting" "$seed" || continue
   echo "[queue] $(date -Is) $setting seed $seed"
   .venv/bin/fedlt-sweep "$spec" --only "setting=$setting" --only "seed=$seed" || echo "[queue] $setting seed $seed failed ($?)"
 done

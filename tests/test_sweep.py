@@ -11,6 +11,7 @@ import json
 import math
 import os
 import statistics
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -120,6 +121,42 @@ def test_the_converged_queue_names_every_unfinished_cell_once() -> None:
     queued = [(line.split()[0], int(line.split()[1])) for line in lines if line.strip() and not line.startswith("#")]
     assert len(queued) == len(set(queued)) and set(queued) <= set(cells)
     assert {cell for cell, status in cells.items() if status != "completed"} <= set(queued)
+
+
+def test_the_queue_script_passes_over_the_cells_its_dry_run_finds_finished(tmp_path: Path) -> None:
+    """scripts/sweep_queue.sh asks fedlt-sweep once (--dry-run) which cells are finished and calls it only for
+    the others, in the queue's order; the plan it reads is the real dry run's, with one cell finished."""
+    spec = small_spec(rows="setting", grid={"setting": {"plain": {"method": "fedavg"},
+                                                        "prox": {"method": "fedprox", "prox-mu": 0.01}}},
+                      seeds=[0, 1], **{"row-overrides": {}})
+    finished = sweep_grid.parse_only(["setting=plain", "seed=0"], spec)
+    sweep.run_sweep(spec, tmp_path / "out", runner=fake_runner(), only=finished, log=quiet(), write_report=False)
+    plan: list[str] = []
+    sweep.run_sweep(spec, tmp_path / "out", dry_run=True, log=quiet(plan), write_report=False)
+    assert any(line.endswith(" plain__seed-0: finished, skip") for line in plan)
+
+    app = tmp_path / "app"
+    (app / "scripts").mkdir(parents=True)
+    (app / ".venv" / "bin").mkdir(parents=True)
+    script = app / "scripts" / "sweep_queue.sh"
+    script.write_text((ROOT / "scripts" / "sweep_queue.sh").read_text())
+    (tmp_path / "plan.txt").write_text("\n".join(plan) + "\n")
+    stub = app / ".venv" / "bin" / "fedlt-sweep"  # records its calls; prints the plan on --dry-run
+    stub.write_text('#!/usr/bin/env bash\necho "$*" >> "$CALLS"\n'
+                    'case " $* " in *" --dry-run "*) cat "$PLAN" ;; esac\n')
+    stub.chmod(0o755)
+    queue = tmp_path / "order.queue"
+    queue.write_text("# order\nprox 0\nplain 0\nplain 1\n")
+    calls = tmp_path / "calls.txt"
+    done = subprocess.run(["bash", str(script), "spec.yaml", str(queue)], capture_output=True, text=True,
+                          env={**os.environ, "CALLS": str(calls), "PLAN": str(tmp_path / "plan.txt")})
+    assert done.returncode == 0, done.stderr
+    assert calls.read_text().splitlines() == [
+        "spec.yaml --only setting=plain,prox --only seed=0,1 --dry-run",
+        "spec.yaml --only setting=prox --only seed=0",
+        "spec.yaml --only setting=plain --only seed=1",
+    ]
+    assert "plain seed 0" not in done.stdout and "prox seed 0" in done.stdout
 
 
 def test_manifest_names_the_sweep_file_as_the_checkout_does(tmp_path: Path) -> None:
