@@ -10,6 +10,9 @@ A maximum at τ' > 0 means the head under-corrects: the case for training with a
 
 It reads the test set, so it is a diagnostic and not a way to choose τ' for a method: a τ' picked here would be
 tuned on test data. fedlt's method keys are chosen before such a reading (see README, "fedlt's method: FLAT-LA").
+Beside it, each strength's balanced recall on the federation's own training images (the clients' data, pooled:
+what the clients could report as per-class hit counts, a sum secure aggregation carries), and the strength that
+reading picks: the test-free choice, and how close it comes to the test set's.
 
     python benchmarks/posthoc_adjustment.py RUN_DIR [RUN_DIR ...] -o results/posthoc-adjustment
 """
@@ -48,19 +51,40 @@ def trained_tau(cfg: RunConfig) -> float | None:
     return cfg.grape_la_tau if cfg.method == "grape-la" else None
 
 
+def balanced_recall(logits: Tensor, labels: Tensor, num_classes: int) -> float:
+    """Mean over the classes present in ``labels`` of the fraction of their samples ``logits`` classify right."""
+    hits = logits.argmax(dim=1) == labels
+    present = [c for c in range(num_classes) if bool((labels == c).any())]
+    return sum(float(hits[labels == c].float().mean()) for c in present) / len(present)
+
+
+def pick(scores: dict[str, float]) -> str:
+    """The strength with the highest score; a tie goes to the smaller |τ'| (the least change to the network)."""
+    return max(scores, key=lambda s: (scores[s], -abs(float(s))))
+
+
 def adjustment_sweep(run_dir: Path, strengths: tuple[float, ...] = DEFAULT_STRENGTHS, which: str = "final") -> dict:
     """Test accuracy of ``run_dir``'s network (``which``: ``final`` or ``checkpoint``, as the classifier ceiling's
-    probes) under each extra adjustment strength."""
+    probes) under each extra adjustment strength (0, the network as it is, always among them), and its balanced
+    recall on the federation's training images."""
+    strengths = tuple(sorted(set(strengths) | {0.0}))
     model, cfg, data, last_round = _ceiling.probed_model(run_dir, which)
     test_images, test_labels = data.test_data()
+    train = [data.client_data(p) for p in range(data.num_clients)]
+    train_images, train_labels = torch.cat([x for x, _ in train]), torch.cat([y for _, y in train])
     with torch.no_grad():
         logits = model.classifier(_ceiling.features_of(model.encoder, test_images, cfg.dataset)).float()
+        train_logits = model.classifier(_ceiling.features_of(model.encoder, train_images, cfg.dataset)).float()
     tail = tail_classes(data.class_counts)
     by_strength = {str(s): _ceiling.accuracies(adjusted_logits(logits, data.class_counts, s), test_labels, tail,
                                                data.num_classes) for s in strengths}
+    training_recall = {str(s): balanced_recall(adjusted_logits(train_logits, data.class_counts, s), train_labels,
+                                               data.num_classes) for s in strengths}
     return {"run": run_dir.name, "model": which, "method": cfg.method, "seed": cfg.seed, "round": last_round,
             "trained_tau": trained_tau(cfg),
-            "class_counts": list(data.class_counts), "strengths": by_strength}
+            "class_counts": list(data.class_counts), "strengths": by_strength,
+            "training_recall": training_recall, "training_pick": pick(training_recall),
+            "test_pick": pick({s: v["accuracy"] for s, v in by_strength.items()})}
 
 
 def markdown(reports: list[dict]) -> str:
@@ -75,6 +99,16 @@ def markdown(reports: list[dict]) -> str:
         cells = [f"{100 * r['strengths'][s]['accuracy']:.2f} / {100 * r['strengths'][s]['tail_accuracy']:.2f}"
                  for s in strengths]
         lines.append(f"| {r['run']} ({r['model']}, τ {r['trained_tau']}) | {r['round']} | " + " | ".join(cells) + " |")
+    lines += ["", ("The test-free reading: balanced recall (%) on the federation's training images under each "
+                   "strength, the strength it picks (ties to the smaller |τ'|), the test set's pick, and the test "
+                   "accuracy gained at the training set's pick over τ' 0."), "",
+              "| run | " + " | ".join(f"τ' {s}" for s in strengths) + " | training pick | test pick | test gain |",
+              "|---|" + "---|" * (len(strengths) + 3)]
+    for r in reports:
+        chosen = r["training_pick"]
+        gain = r["strengths"][chosen]["accuracy"] - r["strengths"]["0.0"]["accuracy"]
+        lines.append(f"| {r['run']} | " + " | ".join(f"{100 * r['training_recall'][s]:.2f}" for s in strengths)
+                     + f" | {chosen} | {r['test_pick']} | {100 * gain:+.2f} |")
     return "\n".join(lines) + "\n"
 
 

@@ -11,6 +11,10 @@ import pytest
 import torch
 from in_process import run_in_process
 
+from fedlt_app.configured_data import federated_data
+from fedlt_app.data.transforms import to_float
+from fedlt_app.task import trained_model
+
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("posthoc_adjustment", ROOT / "benchmarks" / "posthoc_adjustment.py")
 assert _spec is not None and _spec.loader is not None
@@ -32,19 +36,44 @@ def test_adjustment_subtracts_strength_times_log_prior_and_can_flip_the_decision
                                                                   rel_tol=1e-5)
 
 
+def test_balanced_recall_weighs_every_present_class_alike_and_the_pick_prefers_the_smaller_change() -> None:
+    labels = torch.tensor([0] * 9 + [1])
+    logits = torch.zeros(10, 3)
+    logits[:, 0] = 1.0  # everything called class 0: class 0 all right, class 1 all wrong, class 2 absent
+    assert adjustment.balanced_recall(logits, labels, 3) == pytest.approx(0.5)  # not 0.9 (plain accuracy)
+    logits[9] = torch.tensor([0.0, 2.0, 0.0])
+    assert adjustment.balanced_recall(logits, labels, 3) == pytest.approx(1.0)
+    assert adjustment.pick({"0.0": 0.8, "0.25": 0.9, "0.5": 0.85}) == "0.25"
+    assert adjustment.pick({"-0.25": 0.9, "0.0": 0.8, "0.25": 0.9, "0.5": 0.9}) in ("-0.25", "0.25")
+    assert adjustment.pick({"0.0": 0.9, "0.25": 0.9}) == "0.0"
+
+
 def test_sweep_on_a_weight_averaged_run_starts_at_the_runs_own_accuracy(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     run_in_process(tmp_path, monkeypatch, "method='fedavg-la' fedavg-la-tau=0.5 num-server-rounds=3 swa-start=2 "
+                   "local-epochs=3 "
                    f"samples-per-class=60 imbalance-ratio=10.0 precision='fp32' output-dir='{out}' run-name='r'",
                    num_clients=2)
     run_dir = out / "r"
     final = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-    report = adjustment.adjustment_sweep(run_dir, (0.0, 1.0), which="final")
+    report = adjustment.adjustment_sweep(run_dir, (1.0,), which="final")  # τ' 0 is always added
     assert report["round"] == 3 and report["trained_tau"] == 0.5 and report["method"] == "fedavg-la"
     own = report["strengths"]["0.0"]
     assert own["accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)  # the weight average, as evaluated
     assert own["per_class_accuracy"] == pytest.approx(final["per_class_accuracy"], abs=1e-6)
     assert report["strengths"]["1.0"]["per_class_accuracy"] != own["per_class_accuracy"]
+    assert set(report["training_recall"]) == {"0.0", "1.0"}
+    assert report["training_pick"] == adjustment.pick(report["training_recall"])
+    # the recall is read on the clients' training images, each class weighing alike, by the run's own network
+    model, cfg = trained_model(run_dir)
+    data = federated_data(cfg, 2)
+    images = torch.cat([data.client_data(p)[0] for p in range(2)])
+    labels = torch.cat([data.client_data(p)[1] for p in range(2)])
+    with torch.no_grad():
+        hits = model(to_float(images, cfg.dataset)).argmax(dim=1) == labels
+    expected = sum(float(hits[labels == c].float().mean()) for c in labels.unique()) / len(labels.unique())
+    assert report["training_recall"]["0.0"] == pytest.approx(expected, abs=1e-6)
     text = adjustment.markdown([report])
     assert "| r (final, τ 0.5) | 3 |" in text and "τ' 1.0" in text
+    assert f"| r | {100 * report['training_recall']['0.0']:.2f} |" in text
