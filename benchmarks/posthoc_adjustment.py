@@ -23,11 +23,13 @@ import argparse
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from fedlt_app.config import RunConfig
 from fedlt_app.data.longtail import tail_classes
+from fedlt_app.methods.posthoc import balanced_recalls, hits_per_strength, pick_strength, posthoc_shift
 
 _HERE = Path(__file__).resolve().parent
 _spec = importlib.util.spec_from_file_location("classifier_ceiling", _HERE / "classifier_ceiling.py")
@@ -40,8 +42,7 @@ DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 def adjusted_logits(logits: Tensor, class_counts: list[int] | Tensor, strength: float) -> Tensor:
     """``logits − strength · log π`` with π the normalised class counts (Menon et al.'s post-hoc adjustment)."""
-    counts = torch.as_tensor(class_counts, dtype=torch.float32)
-    return logits - strength * torch.log(counts / counts.sum())
+    return logits + posthoc_shift(torch.as_tensor(class_counts).numpy(), strength).to(logits.device)
 
 
 def trained_tau(cfg: RunConfig) -> float | None:
@@ -49,18 +50,6 @@ def trained_tau(cfg: RunConfig) -> float | None:
     if cfg.method in ("fedavg-la", "flat-la"):
         return cfg.fedavg_la_tau
     return cfg.grape_la_tau if cfg.method == "grape-la" else None
-
-
-def balanced_recall(logits: Tensor, labels: Tensor, num_classes: int) -> float:
-    """Mean over the classes present in ``labels`` of the fraction of their samples ``logits`` classify right."""
-    hits = logits.argmax(dim=1) == labels
-    present = [c for c in range(num_classes) if bool((labels == c).any())]
-    return sum(float(hits[labels == c].float().mean()) for c in present) / len(present)
-
-
-def pick(scores: dict[str, float]) -> str:
-    """The strength with the highest score; a tie goes to the smaller |τ'| (the least change to the network)."""
-    return max(scores, key=lambda s: (scores[s], -abs(float(s))))
 
 
 def adjustment_sweep(run_dir: Path, strengths: tuple[float, ...] = DEFAULT_STRENGTHS, which: str = "final") -> dict:
@@ -78,13 +67,18 @@ def adjustment_sweep(run_dir: Path, strengths: tuple[float, ...] = DEFAULT_STREN
     tail = tail_classes(data.class_counts)
     by_strength = {str(s): _ceiling.accuracies(adjusted_logits(logits, data.class_counts, s), test_labels, tail,
                                                data.num_classes) for s in strengths}
-    training_recall = {str(s): balanced_recall(adjusted_logits(train_logits, data.class_counts, s), train_labels,
-                                               data.num_classes) for s in strengths}
+    # the test-free reading, by the rule fedavg-la-posthoc=training-recall applies every round (methods/posthoc.py)
+    hits = hits_per_strength(train_logits, train_labels, data.class_counts, strengths, data.num_classes)
+    totals = np.bincount(train_labels.numpy(), minlength=data.num_classes)
+    test_hits = hits_per_strength(logits, test_labels, data.class_counts, strengths, data.num_classes)
+    test_totals = np.bincount(test_labels.numpy(), minlength=data.num_classes)
     return {"run": run_dir.name, "model": which, "method": cfg.method, "seed": cfg.seed, "round": last_round,
             "trained_tau": trained_tau(cfg),
             "class_counts": list(data.class_counts), "strengths": by_strength,
-            "training_recall": training_recall, "training_pick": pick(training_recall),
-            "test_pick": pick({s: v["accuracy"] for s, v in by_strength.items()})}
+            "training_recall": {str(s): float(r) for s, r in zip(strengths, balanced_recalls(hits, totals),
+                                                                  strict=True)},
+            "training_pick": str(pick_strength(strengths, hits, totals)),
+            "test_pick": str(pick_strength(strengths, test_hits, test_totals))}
 
 
 def markdown(reports: list[dict]) -> str:
@@ -100,8 +94,9 @@ def markdown(reports: list[dict]) -> str:
                  for s in strengths]
         lines.append(f"| {r['run']} ({r['model']}, τ {r['trained_tau']}) | {r['round']} | " + " | ".join(cells) + " |")
     lines += ["", ("The test-free reading: balanced recall (%) on the federation's training images under each "
-                   "strength, the strength it picks (ties to the smaller |τ'|), the test set's pick, and the test "
-                   "accuracy gained at the training set's pick over τ' 0."), "",
+                   "strength, the strength it picks (`fedavg-la-posthoc=training-recall`'s rule; ties to the "
+                   "smaller |τ'|), the test set's pick, and the test accuracy gained at the training set's pick "
+                   "over τ' 0."), "",
               "| run | " + " | ".join(f"τ' {s}" for s in strengths) + " | training pick | test pick | test gain |",
               "|---|" + "---|" * (len(strengths) + 3)]
     for r in reports:

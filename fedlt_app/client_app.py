@@ -147,7 +147,7 @@ def method_statistics(msg: Message, context: Context) -> Message:
     images, labels, _ = with_synthetic(cfg, data, images, labels, node_partition(context.node_config)[0], device)
     model = _model(cfg, data, device)
     model.load_travelling_state(msg.content["arrays"].to_torch_state_dict())
-    method = get_method(cfg.method).client(cfg, data.num_classes, {})
+    method = get_method(cfg.method).client(cfg, data.num_classes, record_to_payload(msg.content.get(METHOD_KEY)))
     server_round = int(msg.content["config"]["server-round"])
     seed = statistics_seed(cfg.seed, server_round, node_partition(context.node_config)[0])
     precision = precision_for(cfg.precision, device)

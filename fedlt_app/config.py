@@ -88,12 +88,36 @@ def in_range_closed(low: float, high: float) -> Check:
     return lambda v: None if low < v <= high else f"must be in ({low}, {high}]"
 
 
-def class_list(v: str) -> str | None:
-    try:
-        parse_class_list(v)
-    except ValueError:
-        return 'must be comma-separated class indices, e.g. "0,7,8"'
-    return None
+def parsed_by(parse: Callable[[str], object], message: str) -> Check:
+    """A check that ``parse`` accepts the value (it raises ValueError otherwise)."""
+    def check(v: str) -> str | None:
+        try:
+            parse(v)
+        except ValueError:
+            return message
+        return None
+
+    return check
+
+
+def parse_class_list(text: str) -> tuple[int, ...]:
+    items = [s.strip() for s in text.split(",") if s.strip()]
+    values = tuple(int(s) for s in items)
+    if not values or any(v < 0 for v in values):
+        raise ValueError(text)
+    return values
+
+
+def parse_float_list(text: str) -> tuple[float, ...]:
+    """``"-0.5,0,0.5"`` -> (-0.5, 0.0, 0.5); ValueError on an empty list, a non-number or a repeat."""
+    values = tuple(float(part) for part in text.split(","))
+    if len(set(values)) != len(values) or not all(math.isfinite(v) for v in values):
+        raise ValueError(text)
+    return values
+
+
+class_list = parsed_by(parse_class_list, 'must be comma-separated class indices, e.g. "0,7,8"')
+float_list = parsed_by(parse_float_list, 'must be distinct comma-separated numbers, e.g. "-0.5,-0.25,0,0.25,0.5"')
 
 
 def optional_class_list(v: str) -> str | None:
@@ -106,14 +130,6 @@ def positive_int_list(v: str) -> str | None:
     except ValueError:
         values = (0,)
     return None if min(values) >= 1 else 'must be comma-separated positive integers, e.g. "1,2,3,5,7,10"'
-
-
-def parse_class_list(text: str) -> tuple[int, ...]:
-    items = [s.strip() for s in text.split(",") if s.strip()]
-    values = tuple(int(s) for s in items)
-    if not values or any(v < 0 for v in values):
-        raise ValueError(text)
-    return values
 
 
 @dataclass(frozen=True)
@@ -317,6 +333,15 @@ SCHEMA: tuple[Option, ...] = (
            one_of("global", "local")),
     Option("fedavg-la-tau", float, 1.0, "FedAvg-LA: strength tau of the logit adjustment (0 = FedAvg+CE exactly)",
            at_least(0.0)),
+    Option("fedavg-la-posthoc", str, "none",
+           "FedAvg-LA and FLAT-LA: a further post-hoc adjustment of the evaluated network's logits, z - tau'*log "
+           "prior, with tau' chosen every round without test data: none, or training-recall (each client counts "
+           "its own training images the network gets right per class and candidate tau'; the server picks the "
+           "tau' of highest balanced recall over the summed counts; README 'fedlt's method: FLAT-LA')",
+           one_of("none", "training-recall")),
+    Option("fedavg-la-posthoc-grid", str, "-1,-0.75,-0.5,-0.25,0,0.25,0.5,0.75,1",
+           "fedavg-la-posthoc=training-recall: the candidate strengths tau', comma-separated (0, the network "
+           "unchanged, is always a candidate)", float_list),
     Option("flat-la-tau", float, 1.5,
            "FLAT-LA (fedlt's method: FedAvg-LA's loss, flat minima): strength tau of its logit adjustment (it sets "
            "fedavg-la-tau; 0 = cross-entropy). 1.5, not FedAvg-LA's 1: once the long tail is memorised, the margin "
@@ -328,6 +353,9 @@ SCHEMA: tuple[Option, ...] = (
            "FLAT-LA: fraction f of the rounds after which the server evaluates the running mean of the global "
            "models, from round floor(f x num-server-rounds) + 1 on (it sets swa-start; 1 = no averaging)",
            in_range_closed(0.0, 1.0)),
+    Option("flat-la-posthoc", str, "none",
+           "FLAT-LA: its test-free post-hoc adjustment (it sets fedavg-la-posthoc): none or training-recall",
+           one_of("none", "training-recall")),
     Option("clip-weights", str, "",
            "CLIP methods: local file of OpenAI-format CLIP weights, e.g. ViT-B-16.pt (never downloaded; README "
            "'CLIP methods')"),
@@ -578,9 +606,12 @@ class RunConfig:
     grape_la_tau: float
     fedavg_la_prior: str
     fedavg_la_tau: float
+    fedavg_la_posthoc: str
+    fedavg_la_posthoc_grid: str
     flat_la_tau: float
     flat_la_rho: float
     flat_la_average_from: float
+    flat_la_posthoc: str
     clip_weights: str
     promptfl_n_ctx: int
     capt_n_ctx: int
@@ -751,8 +782,9 @@ def flat_la_average_start(fraction: float, num_server_rounds: int) -> int:
 def _set_flat_la_mechanisms(values: dict[str, Any]) -> None:
     """FLAT-LA is FedAvg-LA's loss over three of fedlt's general mechanisms, set from its own keys: the
     adjustment's strength (fedavg-la-tau <- flat-la-tau), SAM local steps (sam-rho <- flat-la-rho), server
-    momentum (server-opt <- fedavgm, at server-momentum) and server-side weight averaging (swa-start <-
-    flat-la-average-from). A general key given another value is refused, so a
+    momentum (server-opt <- fedavgm, at server-momentum), server-side weight averaging (swa-start <-
+    flat-la-average-from) and the test-free post-hoc adjustment (fedavg-la-posthoc <- flat-la-posthoc). A
+    general key given another value is refused, so a
     config never says two things; given the same value (a recorded, resolved config) it is accepted."""
     implied = {
         "fedavg-la-tau": (values["flat_la_tau"], "flat-la-tau"),
@@ -760,6 +792,7 @@ def _set_flat_la_mechanisms(values: dict[str, Any]) -> None:
         "swa-start": (flat_la_average_start(values["flat_la_average_from"], values["num_server_rounds"]),
                       "flat-la-average-from"),
         "server-opt": ("fedavgm", "server-momentum (0 = no momentum)"),
+        "fedavg-la-posthoc": (values["flat_la_posthoc"], "flat-la-posthoc"),
     }
     for key, (value, own_key) in implied.items():
         name, default = key.replace("-", "_"), OPTIONS[key].default
@@ -857,6 +890,9 @@ def resolve(run_config: Mapping[str, Any]) -> RunConfig:
                               "prototypes are the cohort's class means, and the masked sums run over all clients")
     if values["method"] == "flat-la":
         _set_flat_la_mechanisms(values)
+    if values["fedavg_la_posthoc"] != "none" and values["method"] not in ("fedavg-la", "flat-la"):
+        raise ConfigError(f"fedavg-la-posthoc: only methods 'fedavg-la' and 'flat-la' adjust by the federation's "
+                          f"prior; method={values['method']!r} needs fedavg-la-posthoc='none'")
     if values["swa_start"] > values["num_server_rounds"]:
         raise ConfigError(f"swa-start: round {values['swa_start']} is past num-server-rounds="
                           f"{values['num_server_rounds']}; nothing would be averaged (0 turns it off)")

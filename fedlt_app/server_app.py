@@ -155,6 +155,15 @@ def main(grid: Grid, context: Context) -> None:
                 latest = evaluate_on_test(evaluated)
                 unaveraged = {"unaveraged_accuracy": latest.accuracy, "unaveraged_tail_accuracy": latest.tail_accuracy}
                 evaluated = weight_average.update(evaluated)
+            adjusted = strategy.server_method.adjusted_evaluation_model(
+                current.server_round, evaluated,
+                lambda network: strategy.query_statistics(grid, ArrayRecord(network.travelling_state()), network,
+                                                          cfg.round_timeout))
+            unadjusted = {}
+            if adjusted is not evaluated:  # e.g. fedavg-la-posthoc: evaluate the adjusted network, log both
+                before = evaluate_on_test(evaluated)
+                unadjusted = {"unadjusted_accuracy": before.accuracy, "unadjusted_tail_accuracy": before.tail_accuracy}
+                evaluated = adjusted
             result = evaluate_on_test(evaluated)
             record = {
                 "round": current.server_round,
@@ -174,6 +183,7 @@ def main(grid: Grid, context: Context) -> None:
                 **strategy.server_method.round_metrics(),
                 **weight_average.round_metrics(),
                 **unaveraged,
+                **unadjusted,
             }
             recorder.log_round(record)
             log(INFO, "[fedlt] round %d/%d  accuracy %.4f  tail %.4f  loss %.4f  (%.1f s)", current.server_round,

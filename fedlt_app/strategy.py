@@ -370,8 +370,12 @@ class FedLTStrategy(Strategy):
                              partitions: list[int] | None) -> list[Message]:
         """The statistics query to ``partitions`` (None: every client); the caller counts what it sends."""
         config = ConfigRecord({"server-round": current.server_round})
+        content = {"arrays": arrays, "config": config}
+        payload = self.server_method.statistics_payload(current.server_round)
+        if payload:  # e.g. the prior FedAvg-LA's post-hoc adjustment is measured under
+            content[METHOD_KEY] = payload_to_record(payload)
         asked = sorted(self.node_of_partition) if partitions is None else sorted(partitions)
-        messages = [Message(RecordDict({"arrays": arrays, "config": config}), dst_node_id=self.node_of_partition[p],
+        messages = [Message(RecordDict(content), dst_node_id=self.node_of_partition[p],
                             message_type=f"{MessageType.QUERY}.{STATISTICS_QUERY}")
                     for p in asked]
         return messages

@@ -13,6 +13,7 @@ Flower ``context.state`` and, in a run that checkpoints, in the run folder
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -292,9 +293,24 @@ class ServerMethod:
         ``statistics_summands``, real segments as float64 and exact ones as int64."""
         raise NotImplementedError(f"{type(self).__name__}: no statistics from sums (statistics_sum_segments)")
 
+    def statistics_payload(self, server_round: int) -> Payload:
+        """What the statistics query carries to the clients beside the model; the client method is built
+        with it as its payload (FedAvg-LA's post-hoc adjustment: the federation's prior). Empty by default."""
+        return {}
+
     def evaluation_model(self, global_model: EncoderClassifier) -> EncoderClassifier:
         """The network the server evaluates, given the new global model."""
         return global_model
+
+    def adjusted_evaluation_model(self, server_round: int, network: EncoderClassifier,
+                                  ask_clients: Callable[[EncoderClassifier], None]) -> EncoderClassifier:
+        """The network the server finally evaluates and saves, given ``evaluation_model``'s (under
+        ``swa-start`` the running mean of those): for a step that must see the network as evaluated, after
+        the averaging (FedAvg-LA's post-hoc adjustment, whose strength the clients measure on it).
+        ``ask_clients(network)`` runs the statistics query on ``network`` and hands the answers to
+        ``absorb_statistics`` (``absorb_statistics_sums`` under secure aggregation). Return ``network``
+        itself (the default: nothing to adjust) or a changed copy; the averaging never sees the copy."""
+        return network
 
     def round_metrics(self) -> dict[str, float | int]:
         """Method state worth a column in metrics.jsonl."""
