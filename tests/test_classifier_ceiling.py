@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import importlib.util
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from in_process import run_in_process
+from in_process import small_finished_run
 
 ROOT = Path(__file__).resolve().parent.parent
 _spec = importlib.util.spec_from_file_location("classifier_ceiling", ROOT / "benchmarks" / "classifier_ceiling.py")
@@ -37,19 +36,9 @@ def test_balanced_head_puts_the_threshold_where_the_balanced_error_wants_it() ->
     assert rare > 0.75 and frequent > 0.75 and result["tail_accuracy"] == rare
 
 
-def finished_run(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, run_config: str) -> tuple[Path, dict]:
-    """A small 2-client run with a checkpoint; returns its folder and its last round's metrics."""
-    out = tmp_path / "out"
-    # fp32 as the probes: 'auto' evaluates in bf16 on a CPU with AVX-512 BF16, a tenth of a point away at this size
-    run_in_process(tmp_path, monkeypatch, f"{run_config} samples-per-class=60 imbalance-ratio=10.0 precision='fp32' "
-                   f"checkpoint-every=1 output-dir='{out}' run-name='r'", num_clients=2)
-    run_dir = out / "r"
-    return run_dir, json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
-
-
 def test_global_head_probe_reproduces_the_runs_final_accuracy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     method = "redgrape"  # a model with a second head (Ŵ): the checkpoint must load into the method's own model
-    run_dir, final = finished_run(tmp_path, monkeypatch, f"method='{method}' num-server-rounds=2")
+    run_dir, final = small_finished_run(tmp_path, monkeypatch, f"method='{method}' num-server-rounds=2")
     report = ceiling_module.ceiling(run_dir, oracle_per_class=60)
     assert report["round"] == 2 and report["method"] == method
     assert report["probes"]["global head"]["accuracy"] == pytest.approx(final["accuracy"], abs=1e-6)
@@ -64,7 +53,7 @@ def test_final_model_probe_is_the_weight_average_and_checkpoint_the_latest(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # with swa-start the run evaluates the mean of rounds 2-3 (final_model.pt), while checkpoint.pt holds the
     # latest global model, whose accuracy the run logs as unaveraged_accuracy
-    run_dir, final = finished_run(tmp_path, monkeypatch, "method='fedavg-la' num-server-rounds=3 swa-start=2")
+    run_dir, final = small_finished_run(tmp_path, monkeypatch, "method='fedavg-la' num-server-rounds=3 swa-start=2")
     assert final["swa_models"] == 2 and final["accuracy"] != final["unaveraged_accuracy"]
     averaged = ceiling_module.ceiling(run_dir, oracle_per_class=60, which="final")
     latest = ceiling_module.ceiling(run_dir, oracle_per_class=60, which="checkpoint")
