@@ -20,9 +20,9 @@ reading picks: the test-free choice, and how close it comes to the test set's.
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
+import classifier_ceiling as _ceiling  # a sibling script: python puts benchmarks/ on sys.path
 import numpy as np
 import torch
 from torch import Tensor
@@ -30,12 +30,6 @@ from torch import Tensor
 from fedlt_app.config import RunConfig
 from fedlt_app.data.longtail import tail_classes
 from fedlt_app.methods.posthoc import balanced_recalls, hits_per_strength, pick_strength, posthoc_shift
-
-_HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("classifier_ceiling", _HERE / "classifier_ceiling.py")
-assert _spec is not None and _spec.loader is not None
-_ceiling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ceiling)
 
 DEFAULT_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -16,20 +16,14 @@ function of the seed, :func:`fedlt_app.task.initial_model`)::
 from __future__ import annotations
 
 import argparse
-import importlib.util
 from pathlib import Path
 
+import classifier_ceiling as _ceiling  # a sibling script: python puts benchmarks/ on sys.path
 import torch
 
 from fedlt_app.data.longtail import tail_classes
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.task import initial_model
-
-_HERE = Path(__file__).resolve().parent
-_spec = importlib.util.spec_from_file_location("classifier_ceiling", _HERE / "classifier_ceiling.py")
-assert _spec is not None and _spec.loader is not None
-_ceiling = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(_ceiling)
 
 READINGS = ("W (the run's)", "Ŵ", "W + Ŵ")
 

@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from in_process import small_finished_run
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("classifier_ceiling", ROOT / "benchmarks" / "classifier_ceiling.py")
-assert _spec is not None and _spec.loader is not None
-ceiling_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(ceiling_module)
+ceiling_module = load_benchmark("classifier_ceiling")
 
 
 def two_overlapping_classes(n0: int, n1: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -2,24 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
+from benchmark_scripts import load_benchmark
 from in_process import run_in_process
 
 from fedlt_app.configured_data import federated_data
 from fedlt_app.data.transforms import to_float
 from fedlt_app.task import trained_model
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("posthoc_adjustment", ROOT / "benchmarks" / "posthoc_adjustment.py")
-assert _spec is not None and _spec.loader is not None
-adjustment = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(adjustment)
+adjustment = load_benchmark("posthoc_adjustment")
 
 
 def test_adjustment_subtracts_strength_times_log_prior_and_can_flip_the_decision() -> None:

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import pytest
+from benchmark_scripts import load_benchmark
 from in_process import small_finished_run
 
-ROOT = Path(__file__).resolve().parent.parent
-_spec = importlib.util.spec_from_file_location("two_heads", ROOT / "benchmarks" / "two_heads.py")
-assert _spec is not None and _spec.loader is not None
-two_heads_module = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(two_heads_module)
+two_heads_module = load_benchmark("two_heads")
 
 
 def test_without_rebalancing_the_heads_move_together_and_w_is_what_the_run_measured(
