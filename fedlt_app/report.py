@@ -73,8 +73,9 @@ METRICS = (
 PAIRED_METRICS = METRICS[:2]  # balanced and tail accuracy
 
 
-def format_stat(s: Stat) -> str:
-    """Percent with 2 decimals: '95.73 ± 0.46'; '—' before any run finished; 'n/a' for an empty class group."""
+def format_stat(s: Stat, sweep_seeds: int = 0) -> str:
+    """Percent with 2 decimals: '95.73 ± 0.46'; '—' before any run finished; 'n/a' for an empty class group;
+    '(5 seeds)' after an entry that ``more-seeds`` gave more than the sweep's ``sweep_seeds``."""
     if s.planned == 0:
         return ""
     if s.n == 0:
@@ -82,7 +83,9 @@ def format_stat(s: Stat) -> str:
     if s.mean is None:
         return "n/a"
     text = f"{100 * s.mean:.2f}" + (f" ± {100 * s.std:.2f}" if s.std is not None else "")
-    return text if s.n == s.planned else f"{text} ({s.n}/{s.planned} seeds)"
+    if s.n != s.planned:
+        return f"{text} ({s.n}/{s.planned} seeds)"
+    return f"{text} ({s.n} seeds)" if s.n > sweep_seeds > 0 else text
 
 
 def table(res: SweepResults, metric: str = "accuracy") -> list[list[str]]:
@@ -93,7 +96,7 @@ def table(res: SweepResults, metric: str = "accuracy") -> list[list[str]]:
         stats = [stat(res, row, column, metric) for column in res.columns]
         if all(s.planned == 0 for s in stats):
             continue
-        lines.append([res.row_label(row)] + [format_stat(s) for s in stats])
+        lines.append([res.row_label(row)] + [format_stat(s, len(res.meta.get("seeds", []))) for s in stats])
     return lines
 
 
@@ -169,6 +172,8 @@ def markdown(res: SweepResults) -> str:
         f"Only completed runs count: {done}/{len(res.status)} cells. "
         "'—': no completed run yet; '(k/n seeds)': only k of n seeds completed; "
         "'n/a': the class group is empty in this setting."
+        + (" '(n seeds)': more seeds than the sweep's, where a paired difference was smaller than its spread "
+           "(the sweep file's more-seeds)." if any(c["seed"] not in seeds for c in res.cells) else "")
     )
     for metric in METRICS:
         parts.append(f"## {metric.title}\n\n{markdown_table(table(res, metric.key))}")

@@ -262,7 +262,8 @@ def run_sweep(
         _check_gpu()
     total = len(cells)
     log(
-        f"[sweep] {spec.name}: {total} cells ({len(spec.seeds)} seeds), "
+        f"[sweep] {spec.name}: {total} cells ({len(spec.seeds)} seeds"
+        + (f", up to {len(spec.all_seeds)} by more-seeds" if spec.more_seeds else "") + "), "
         f"{sum(s.status == 'completed' for _, s in plan)} finished, {len(todo)} to run"
         + (f", {len(outcome.not_selected)} not selected by --only" if outcome.not_selected else "")
         + f" -> {sweep_dir}"

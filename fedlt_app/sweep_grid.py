@@ -30,7 +30,7 @@ from fedlt_app.sweep_results import value_text
 # cpus/gpus per client only change how fast it runs.
 LAUNCHER_DEFAULTS: dict[str, Any] = {"num-clients": 10, "cpus-per-client": 1, "gpus-per-client": 0.0}
 SPEC_KEYS = (
-    "name", "description", "base", "rows", "grid", "seeds", "row-overrides", "overrides", "exclude",
+    "name", "description", "base", "rows", "grid", "seeds", "more-seeds", "row-overrides", "overrides", "exclude",
     "ablation", "paired", "axis-labels", "value-labels", "timeout", *LAUNCHER_DEFAULTS,
 )
 DEFAULT_TIMEOUT = 72 * 3600.0
@@ -64,6 +64,15 @@ class Override:
 
 
 @dataclass(frozen=True)
+class MoreSeeds:
+    """Seeds beyond the sweep's ``seeds`` for the cells matching ``when``: where a paired difference is smaller
+    than its spread over the common seeds, those settings (and the paired reference) need more."""
+
+    when: Mapping[str, Any]
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     name: str
     description: str
@@ -82,6 +91,7 @@ class SweepSpec:
     timeout: float
     source: str = ""
     raw: Mapping[str, Any] = field(default_factory=dict)
+    more_seeds: tuple[MoreSeeds, ...] = ()
 
     @property
     def columns(self) -> tuple[str, ...]:
@@ -90,6 +100,15 @@ class SweepSpec:
 
     def axis(self, key: str) -> Axis:
         return next(a for a in self.axes if a.key == key)
+
+    def seeds_at(self, coords: Mapping[str, Any]) -> tuple[int, ...]:
+        """The seeds a grid point runs: the sweep's ``seeds``, then those ``more-seeds`` adds for it."""
+        extra = [s for m in self.more_seeds if _matches(coords, m.when) for s in m.seeds]
+        return tuple(dict.fromkeys([*self.seeds, *extra]))
+
+    @property
+    def all_seeds(self) -> tuple[int, ...]:
+        return tuple(dict.fromkeys([*self.seeds, *(s for m in self.more_seeds for s in m.seeds)]))
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -195,6 +214,9 @@ def parse_spec(data: Mapping[str, Any], default_name: str = "", source: str = ""
         _check_grid_match(match, axes, f"exclude[{i}]")
         exclude.append(match)
 
+    more_seeds = [_parse_more_seeds(item, axes, seeds, f"more-seeds[{i}]")
+                  for i, item in enumerate(data.get("more-seeds") or [])]
+
     ablation = data.get("ablation")
     if ablation is not None and ablation not in keys:
         raise SweepError(f"ablation: {ablation!r} must be a grid key; grid keys: {', '.join(keys)}")
@@ -227,7 +249,23 @@ def parse_spec(data: Mapping[str, Any], default_name: str = "", source: str = ""
         timeout=float(timeout),
         source=source,
         raw=dict(data),
+        more_seeds=tuple(more_seeds),
     )
+
+
+def _parse_more_seeds(value: Any, axes: Sequence[Axis], seeds: Sequence[int], where: str) -> MoreSeeds:
+    """``{when: {grid key: value}, seeds: [3, 4]}``: seeds the matching cells run beyond the sweep's ``seeds``."""
+    item = _mapping(value, where)
+    if set(item) != {"when", "seeds"}:
+        raise SweepError(f"{where}: expected {{when: {{grid key: value}}, seeds: [seed, ...]}}")
+    when = _mapping(item["when"], f"{where}.when")
+    _check_grid_match(when, axes, f"{where}.when")
+    extra = item["seeds"]
+    if not isinstance(extra, list) or not extra or any(not isinstance(s, int) or isinstance(s, bool) for s in extra):
+        raise SweepError(f"{where}.seeds: expected a non-empty list of integers, got {extra!r}")
+    if len(set(extra)) != len(extra) or set(extra) & set(seeds):
+        raise SweepError(f"{where}.seeds: {extra!r} repeats a seed or one of the sweep's seeds {list(seeds)}")
+    return MoreSeeds(when, tuple(extra))
 
 
 def _parse_paired(value: Any, axes: Sequence[Axis]) -> tuple[str, tuple[str, ...]] | None:
@@ -368,7 +406,7 @@ def expand(spec: SweepSpec) -> list[Cell]:
         layers += [(f"grid.{a.key}.{coords[a.key]}", a.bundles[coords[a.key]]) for a in spec.axes if a.bundles]
         layers += [("grid", {a.key: coords[a.key] for a in spec.axes if not a.bundles})]
         layers += [(f"overrides (when {dict(o.when)})", o.set) for o in spec.overrides if _matches(coords, o.when)]
-        for seed in spec.seeds:
+        for seed in spec.seeds_at(coords):
             name = cell_name(spec, coords, seed)
             if name in names:
                 raise SweepError(f"two cells would share the name {name!r}; make the grid values distinct")
@@ -376,7 +414,24 @@ def expand(spec: SweepSpec) -> list[Cell]:
             cells.append(_make_cell(spec, name, coords, seed, layers))
     if not cells:
         raise SweepError("the grid has no cells left after 'exclude'")
+    _check_more_seeds_paired(spec, cells)
     return cells
+
+
+def _check_more_seeds_paired(spec: SweepSpec, cells: Sequence[Cell]) -> None:
+    """A seed that ``more-seeds`` adds must reach the paired table: its cell needs a partner at the sweep's main
+    reference with the same seed (the other references' tables count only the seeds they share)."""
+    if spec.paired is None:
+        return
+    key, references = spec.paired
+    present = {(tuple((k, value_text(v)) for k, v in c.coords.items()), c.seed) for c in cells}
+    for cell in cells:
+        if cell.seed in spec.seeds:
+            continue
+        partner = tuple((k, references[0] if k == key else value_text(v)) for k, v in cell.coords.items())
+        if (partner, cell.seed) not in present:
+            raise SweepError(f"more-seeds: cell {cell.name} has no partner at {key}={references[0]} with seed "
+                             f"{cell.seed}, so it could not be paired; add that seed for {{{key}: {references[0]}}}")
 
 
 def _make_cell(
@@ -437,7 +492,7 @@ def parse_only(items: Sequence[str], spec: SweepSpec) -> dict[str, set[str]]:
         if not sep or key not in keys:
             raise SweepError(f"--only {item!r}: expected KEY=VALUE[,VALUE...] with KEY one of {', '.join(keys)}")
         allowed = {value_text(_yaml_scalar(v)) for v in values.split(",") if v}
-        known = {str(s) for s in spec.seeds} if key == "seed" else {value_text(v) for v in spec.axis(key).values}
+        known = {str(s) for s in spec.all_seeds} if key == "seed" else {value_text(v) for v in spec.axis(key).values}
         if not allowed or not allowed <= known:
             raise SweepError(f"--only {item!r}: values of {key} are {', '.join(sorted(known))}")
         only.setdefault(key, set()).update(allowed)

@@ -659,6 +659,40 @@ def test_paired_needs_a_grid_key_and_one_of_its_values() -> None:
         small_spec(paired={"key": "method", "reference": []})
 
 
+def test_more_seeds_add_seeds_to_the_matching_cells_and_their_paired_reference(tmp_path: Path) -> None:
+    more = [{"when": {"method": "fedprox"}, "seeds": [3, 4]}, {"when": {"method": "fedavg"}, "seeds": [3, 4]}]
+    spec = small_spec(paired={"key": "method", "reference": "fedavg"}, **{"more-seeds": more})
+    cells = sweep_grid.expand(spec)
+    assert len(cells) == 3 * 2 * 3 + 2 * 2 * 2
+    assert sorted({c.seed for c in cells if c.coords["method"] == "redgrape"}) == [0, 1, 2]
+    assert sorted({c.seed for c in cells if c.coords["method"] == "fedprox"}) == [0, 1, 2, 3, 4]
+    fedprox_4 = next(c for c in cells if c.name == "method-fedprox__imbalance-ratio-10__seed-4")
+    assert fedprox_4.run_config["seed"] == 4 and fedprox_4.run_config["prox-mu"] == 0.01
+    assert sweep_grid.parse_only(["seed=4"], spec) == {"seed": {"4"}}
+    sweep.run_sweep(spec, tmp_path, runner=fake_runner(), log=quiet())
+    res = sweep_results.load(tmp_path / "small")
+    five = sweep_results.stat(res, ("fedprox",), ("10",), "accuracy")
+    assert (five.n, five.planned) == (5, 5)
+    assert report.format_stat(five, sweep_seeds=3).endswith(" (5 seeds)")
+    assert "(seeds" not in report.format_stat(sweep_results.stat(res, ("redgrape",), ("10",), "accuracy"), 3)
+    paired = sweep_results.paired_stat(res, ("fedprox",), ("10",), "accuracy")
+    assert paired is not None and paired.n == 5  # seeds 3 and 4 pair with FedAvg's seeds 3 and 4
+    assert "more seeds than the sweep's" in (tmp_path / "small" / "table.md").read_text()
+
+
+def test_more_seeds_need_a_partner_at_the_paired_reference_and_new_seeds() -> None:
+    lone = small_spec(paired={"key": "method", "reference": "fedavg"},
+                      **{"more-seeds": [{"when": {"method": "fedprox"}, "seeds": [3]}]})
+    with pytest.raises(SweepError, match="no partner at method=fedavg with seed 3"):
+        sweep_grid.expand(lone)
+    with pytest.raises(SweepError, match="repeats a seed or one of the sweep's seeds"):
+        small_spec(**{"more-seeds": [{"when": {"method": "fedprox"}, "seeds": [2]}]})
+    with pytest.raises(SweepError, match="more-seeds\\[0\\].when: 'fedproxx' is not a value"):
+        small_spec(**{"more-seeds": [{"when": {"method": "fedproxx"}, "seeds": [3]}]})
+    with pytest.raises(SweepError, match="more-seeds\\[0\\]: expected"):
+        small_spec(**{"more-seeds": [{"method": "fedprox", "seeds": [3]}]})
+
+
 def test_last10_drift_and_plateau_round() -> None:
     rising = [{"accuracy": min(0.9, 0.1 * r)} for r in range(1, 41)]  # climbs to 0.9 at round 9, then flat
     assert sweep_results.last10_drift(rising, "accuracy") == pytest.approx(0.0)
