@@ -196,6 +196,10 @@ SCHEMA: tuple[Option, ...] = (
     Option("fedlc-tau", float, 1.0,
            "FedLC's calibration strength tau: logits z_c - tau * n_c^(-1/4) with the client's own class counts "
            "(FedLTLib's default 1.0; 0 = plain cross-entropy)", at_least(0.0)),
+    Option("fedlc-counts", str, "client",
+           "FedLC: whose class counts n_c calibrate a client's logits: client (its own, the paper's; a class it "
+           "lacks leaves its softmax) or federation (every client's summed, FedLTLib's serverlc.py: one calibration "
+           "for all, from counts the clients report)", one_of("client", "federation")),
     Option("moon-mu", float, 1.0,
            "MOON's mu: weight of the model-contrastive term (official --mu default 1; the paper's CIFAR-10: 5)",
            at_least(0.0)),
@@ -547,6 +551,7 @@ class RunConfig:
     sam_rho: float
     focal_gamma: float
     fedlc_tau: float
+    fedlc_counts: str
     moon_mu: float
     moon_temperature: float
     fednh_smoothing: float

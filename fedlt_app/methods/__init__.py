@@ -21,7 +21,7 @@ from fedlt_app.methods.fixed_classifier.fednh import FedNHClient, FedNHServer, a
 from fedlt_app.methods.loss.climb import ClimbClient, ClimbServer
 from fedlt_app.methods.loss.fedavg_la import FedAvgLAClient, FedAvgLAServer
 from fedlt_app.methods.loss.fedgrab import FedGraBClient, FedGraBServer
-from fedlt_app.methods.loss.fedlc import FedLCClient
+from fedlt_app.methods.loss.fedlc import FedLCClient, FedLCServer
 from fedlt_app.methods.loss.focal import FocalClient
 from fedlt_app.methods.loss.ratio_loss import RatioLossClient, RatioLossServer
 from fedlt_app.methods.representation.moon import MoonClient, MoonServer, add_projection_head
@@ -50,7 +50,7 @@ METHODS: dict[str, Method] = {
     "fedavg": Method(ClientMethod, ServerMethod),
     "fedprox": Method(ClientMethod, ServerMethod),  # the proximal term lives in the shared loop (prox-mu)
     "focal": Method(FocalClient, ServerMethod),
-    "fedlc": Method(FedLCClient, ServerMethod),
+    "fedlc": Method(FedLCClient, FedLCServer),
     # fedlt's ablation of GRAPE-LA: one head, CE(z + τ·log π) with the federation's prior from summed counts
     "fedavg-la": Method(FedAvgLAClient, FedAvgLAServer),
     # fedlt's method for item 4: FedAvg-LA's loss and prior; its SAM steps, server momentum and weight averaging are

@@ -11,6 +11,17 @@ with n_{k,c} client k's training count of class c (counted once, in
 server is plain FedAvg and inference (``model(x)``) uses the uncalibrated
 logits.
 
+``fedlc-counts=federation`` is FedLTLib's reading instead: every client
+calibrates with the federation's counts n_c = Σ_k n_{k,c}, so every client
+has the same margins and no class leaves a client's softmax. FedLTLib's
+server reads every client's ``sample_per_class`` before training; here the
+clients report their counts (exact integers, so secure aggregation carries
+them as a sum): the round-1 cohort answers a statistics query before any
+training, every training reply adds its counts again, and the server
+broadcasts the running total scaled to the whole federation (total ÷ clients
+counted × clients in the federation: exact with full participation, an
+estimate from the cohorts seen otherwise).
+
 Source. No code from the authors could be found (Flower's FedLC baseline,
 too, takes its τ from other ports). This follows
 FedLTLib (github.com/gzhu-hcai/LongTailLib, ``system/flcore/clients/
@@ -23,9 +34,10 @@ Disagreements and what this module does:
 * Whose counts. The paper's n_{c,y} is client c's own count. FedLTLib's
   server sums ``sample_per_class`` over *all* clients and gives every client
   the same global calibration (a global logit adjustment, and it needs every
-  client's label counts on the server). We follow the paper: each client's
-  own counts, which also needs nothing beyond the client's data. (FL-bench,
-  FedDecorr's ``fedlogitcal`` and Flower's baseline also use local counts.)
+  client's label counts on the server). The default follows the paper: each
+  client's own counts, which also needs nothing beyond the client's data.
+  (FL-bench, FedDecorr's ``fedlogitcal`` and Flower's baseline also use local
+  counts.) ``fedlc-counts=federation`` is FedLTLib's, above.
 * Normaliser. The paper's Eq. (as we read it; the paper text was not
   retrievable to re-check here) writes the calibrated loss as
   −log(e^{z̃_y} / Σ_{y'≠y} e^{z̃_y'}), the target excluded from the
@@ -48,12 +60,20 @@ Disagreements and what this module does:
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 from torch.nn import functional as F
 
-from fedlt_app.methods.base import ClientMethod
+from fedlt_app.config import RunConfig
+from fedlt_app.data import FederatedData
+from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
+from fedlt_app.methods.class_prior import COUNTS_KEY, label_counts
 from fedlt_app.models import EncoderClassifier
+from fedlt_app.precision import Precision
+
+FEDERATION_COUNTS_KEY = "federation-class-counts"  # the server's broadcast (fedlc-counts=federation)
+REPORTERS_KEY = "reporting-clients"  # 1 per client beside its counts: the sum says how many clients reported
 
 
 def calibration_margins(class_counts: Tensor, tau: float, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -74,13 +94,112 @@ def calibrated_loss(logits: Tensor, targets: Tensor, class_counts: Tensor, tau: 
     return F.cross_entropy(calibrated_logits(logits, class_counts, tau), targets)
 
 
+class FederationCounts:
+    """The server's running total of the clients' class counts, scaled to the whole federation."""
+
+    def __init__(self, num_classes: int, num_clients: int) -> None:
+        self.num_clients = num_clients
+        self.count_total = np.zeros(num_classes, dtype=np.int64)
+        self.clients_counted = 0  # reports summed so far (a client reporting in several rounds counts each time)
+
+    def add(self, counts: np.ndarray, clients: int) -> None:
+        """Counts summed over ``clients`` reports (secure aggregation reveals exactly this sum)."""
+        self.count_total += np.asarray(counts, dtype=np.int64)
+        self.clients_counted += int(clients)
+
+    def estimate(self) -> np.ndarray | None:
+        """n_c for the federation: the mean report times the number of clients (None before any report)."""
+        if self.clients_counted == 0:
+            return None
+        return self.count_total.astype(np.float64) * (self.num_clients / self.clients_counted)
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return {"count_total": self.count_total, "clients_counted": np.asarray(self.clients_counted)}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        self.count_total = np.asarray(state["count_total"], dtype=np.int64)
+        self.clients_counted = int(state["clients_counted"])
+
+
 class FedLCClient(ClientMethod):
+    """The calibrated loss, with the client's own counts or (``fedlc-counts=federation``) the broadcast ones."""
+
     class_counts: Tensor
 
     def begin(self, model: EncoderClassifier, images: Tensor, labels: Tensor, generator: torch.Generator) -> None:
-        counts = torch.bincount(labels.reshape(-1).long().cpu(), minlength=self.num_classes)
-        device = next(model.parameters()).device
-        self.class_counts = counts.to(device)
+        self._own_counts = label_counts(labels, self.num_classes)
+        counts = self._own_counts
+        if self.cfg.fedlc_counts == "federation":
+            if FEDERATION_COUNTS_KEY not in self.payload:
+                raise RuntimeError("fedlc-counts=federation: the training message carried no federation counts")
+            counts = torch.from_numpy(np.asarray(self.payload[FEDERATION_COUNTS_KEY], dtype=np.float64))
+        self.class_counts = counts.to(next(model.parameters()).device)
 
     def loss(self, model: EncoderClassifier, x: Tensor, y: Tensor) -> Tensor:
         return calibrated_loss(model(x), y, self.class_counts, self.cfg.fedlc_tau)
+
+    def report(self) -> Payload:
+        return _counts_report(self._own_counts) if self.cfg.fedlc_counts == "federation" else {}
+
+    def summands(self) -> Payload:
+        return self.report()
+
+    def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision,
+                   generator: torch.Generator | None = None) -> Payload:
+        """The server's round-1 query (``federation``): this client's class counts, before any training."""
+        return _counts_report(label_counts(labels, self.num_classes))
+
+    def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
+                            precision: Precision, generator: torch.Generator | None = None) -> Payload:
+        return self.statistics(model, images, labels, precision)  # integers, dense: summed exactly
+
+
+def _counts_report(counts: Tensor) -> Payload:
+    return {COUNTS_KEY: counts.numpy().astype(np.int64), REPORTERS_KEY: np.ones(1, dtype=np.int64)}
+
+
+class FedLCServer(ServerMethod):
+    """Plain FedAvg, plus (``fedlc-counts=federation``) the federation's class counts: asked of the round-1
+    cohort before training, added from every training reply, broadcast every round."""
+
+    def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
+        super().__init__(cfg, model, data)
+        self.federation = cfg.fedlc_counts == "federation"
+        self.counts = FederationCounts(self.num_classes, data.num_clients if self.federation else 0)
+
+    def wants_statistics_before_training(self, server_round: int) -> bool:
+        return self.federation and self.counts.estimate() is None
+
+    def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
+                          reports: list[ClientReport]) -> None:
+        self.absorb(server_round, reports)
+
+    def statistics_sum_segments(self) -> dict[str, SumSpec]:
+        return self.sum_segments()
+
+    def absorb_statistics_sums(self, server_round: int, global_model: EncoderClassifier, sums: Payload) -> None:
+        self.absorb_sums(server_round, sums)
+
+    def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
+        estimate = self.counts.estimate() if self.federation else None
+        return {FEDERATION_COUNTS_KEY: estimate} if estimate is not None else {}
+
+    def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
+        if self.federation and reports:
+            self.counts.add(sum(np.asarray(r.payload[COUNTS_KEY], dtype=np.int64) for r in reports), len(reports))
+
+    def sum_segments(self) -> dict[str, SumSpec]:
+        if not self.federation:
+            return {}
+        return {COUNTS_KEY: SumSpec((self.num_classes,), exact=True), REPORTERS_KEY: SumSpec((1,), exact=True)}
+
+    def absorb_sums(self, server_round: int, sums: Payload) -> None:
+        if self.federation:
+            self.counts.add(sums[COUNTS_KEY], int(np.asarray(sums[REPORTERS_KEY]).reshape(-1)[0]))
+
+    def state_dict(self) -> dict[str, np.ndarray]:
+        return self.counts.state_dict() if self.federation else {}
+
+    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
+        if self.federation:
+            self.counts.load_state_dict(state)
