@@ -15,7 +15,7 @@ from torch import nn
 
 from fedlt_app.config import resolve
 from fedlt_app.methods import ClientMethod, ClientReport
-from fedlt_app.methods.class_prior import COUNTS_KEY, PRIOR_KEY
+from fedlt_app.methods.class_prior import COUNTS_KEY, PRIOR_KEY, REPORTERS_KEY, FederationCounts, counts_report
 from fedlt_app.methods.loss.fedavg_la import FedAvgLAClient, FedAvgLAServer
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.train import LocalTraining, train_locally
@@ -125,6 +125,26 @@ def test_server_broadcasts_the_running_total_and_sums_match_reports() -> None:
     local = FedAvgLAServer(config(**{"fedavg-la-prior": "local"}), tiny_model(), None)  # type: ignore[arg-type]
     local.absorb(1, reports([6, 2, 0, 0]))
     assert local.broadcast(2, tiny_model()) == {}
+
+
+def test_one_running_total_gives_the_prior_and_the_federation_counts() -> None:
+    """``FederationCounts`` serves the prior (normalised) and FedLC's counts (scaled by reports to clients)."""
+    plain = [counts_report(torch.tensor(c), count_reporters=True) for c in ([6, 2, 0, 0], [0, 2, 1, 1])]
+    assert plain[0][REPORTERS_KEY].tolist() == [1] and REPORTERS_KEY not in counts_report(torch.tensor([1, 0, 0, 0]))
+    tally = FederationCounts(NUM_CLASSES, num_clients=5, count_reporters=True)
+    assert tally.prior_payload() == {} and tally.federation_counts() is None
+    tally.add_reports(plain)
+    tally.add_sums({COUNTS_KEY: np.array([0, 0, 0, 4]), REPORTERS_KEY: np.array([1])})  # the secure path's sums
+    np.testing.assert_allclose(tally.prior_payload()[PRIOR_KEY], np.array([6, 4, 1, 5]) / 16)
+    np.testing.assert_allclose(tally.federation_counts(), np.array([6, 4, 1, 5]) * 5 / 3)
+    assert set(tally.sum_segments()) == {COUNTS_KEY, REPORTERS_KEY}
+    prior_only = FederationCounts(NUM_CLASSES)
+    assert set(prior_only.sum_segments()) == {COUNTS_KEY}
+    with pytest.raises(ValueError, match="count_reporters"):
+        prior_only.federation_counts()
+    prior_only.load_state_dict({"count_total": np.array([1, 2, 3, 4])})  # a checkpoint written before the tally
+    np.testing.assert_allclose(prior_only.prior_payload()[PRIOR_KEY], np.array([1, 2, 3, 4]) / 10)
+    assert prior_only.clients_counted == 0
 
 
 def test_fedavg_la_runs_end_to_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

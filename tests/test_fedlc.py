@@ -18,10 +18,9 @@ from torch.nn import functional as F
 
 from fedlt_app.config import ConfigError, resolve
 from fedlt_app.methods import METHODS, ClientReport, get_method
-from fedlt_app.methods.class_prior import COUNTS_KEY
+from fedlt_app.methods.class_prior import COUNTS_KEY, REPORTERS_KEY
 from fedlt_app.methods.loss.fedlc import (
     FEDERATION_COUNTS_KEY,
-    REPORTERS_KEY,
     FedLCClient,
     FedLCServer,
     calibrated_logits,

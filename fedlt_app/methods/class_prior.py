@@ -1,6 +1,7 @@
 """Logit adjustment by a class prior, and the federation's prior summed from the clients' class counts.
 
-Shared by fedlt's logit-adjusted methods, GRAPE-LA (RedGrape's two heads) and FedAvg-LA (one head).
+Shared by fedlt's logit-adjusted methods, GRAPE-LA (RedGrape's two heads) and FedAvg-LA (one head), and by
+FedLC with ``fedlc-counts=federation`` (the same running total, scaled to the federation instead of normalised).
 The logit adjustment of Menon et al. (ICLR 2021) trains on CE(z + τ·log π, y): instance-balanced
 cross-entropy learns p(y|x) ∝ p(x|y)·π(y), and adding the prior to the training logits lets the softmax
 absorb it, so the network's own logits (used unchanged at inference) estimate p(x|y), the Bayes
@@ -23,6 +24,7 @@ from fedlt_app.methods.base import Payload, SumSpec
 
 PRIOR_KEY = "class-prior"  # the server's broadcast: the federation's normalised class counts
 COUNTS_KEY = "class-counts"  # a client's report (and secure-aggregation summand): its class counts
+REPORTERS_KEY = "reporting-clients"  # 1 per client beside its counts: the sum says how many clients reported
 
 
 def log_prior_adjustment(prior: Tensor, tau: float) -> Tensor:
@@ -52,28 +54,70 @@ def training_prior(payload: Payload, counts: Tensor, which: str) -> Tensor:
     return counts.double()
 
 
-class FederationPrior:
-    """The server's running total of the clients' class counts, and the prior it broadcasts."""
+class FederationCounts:
+    """The server's running total of the clients' class counts, and what it broadcasts from it.
 
-    def __init__(self, num_classes: int) -> None:
+    One total serves two uses. Normalised, it is the federation's class prior (FedAvg-LA, GRAPE-LA:
+    ``prior_payload``). Scaled to the whole federation, n_c = total ÷ reports × clients, it is FedLC's
+    ``fedlc-counts=federation`` (``federation_counts``), which needs the number of reports summed as well: with
+    ``count_reporters`` every client sends a 1 beside its counts (``counts_report``), so secure aggregation
+    reveals that number as one more sum. The prior needs no tally (the normalisation cancels it).
+    """
+
+    def __init__(self, num_classes: int, num_clients: int = 0, count_reporters: bool = False) -> None:
         self.num_classes = num_classes
+        self.num_clients = num_clients
+        self.count_reporters = count_reporters
         self.count_total = np.zeros(num_classes, dtype=np.int64)
+        self.clients_counted = 0  # reports summed so far (a client reporting in several rounds counts each time)
 
-    def payload(self) -> Payload:
+    def add(self, counts: np.ndarray, reporters: int = 0) -> None:
+        """One sum of reports, over ``reporters`` clients (secure aggregation reveals exactly this sum)."""
+        self.count_total += np.asarray(counts, dtype=np.int64)
+        self.clients_counted += int(reporters)
+
+    def add_reports(self, payloads: list[Payload]) -> None:
+        """The plain path's reports, summed as secure aggregation would sum them."""
+        if payloads:
+            self.add(sum(np.asarray(p[COUNTS_KEY], dtype=np.int64) for p in payloads), len(payloads))
+
+    def add_sums(self, sums: Payload) -> None:
+        """The secure path's sums (``sum_segments``)."""
+        reporters = int(np.asarray(sums[REPORTERS_KEY]).reshape(-1)[0]) if self.count_reporters else 0
+        self.add(sums[COUNTS_KEY], reporters)
+
+    def prior_payload(self) -> Payload:
         """``{PRIOR_KEY: normalised total}``; empty until a count has arrived (clients then use their own)."""
         total = self.count_total.sum()
         return {PRIOR_KEY: self.count_total / total} if total > 0 else {}
 
-    def add(self, counts: np.ndarray) -> None:
-        """One round's counts: summed over its clients (secure aggregation reveals exactly this sum)."""
-        self.count_total += np.asarray(counts, dtype=np.int64)
+    def federation_counts(self) -> np.ndarray | None:
+        """n_c for the whole federation: the mean report times the number of clients (None before any report;
+        needs ``count_reporters``)."""
+        if not self.count_reporters:
+            raise ValueError("federation_counts needs count_reporters=True (the number of reports summed)")
+        if self.clients_counted == 0:
+            return None
+        return self.count_total.astype(np.float64) * (self.num_clients / self.clients_counted)
 
     def sum_segments(self) -> dict[str, SumSpec]:
-        """The clients' counts, summed exactly."""
-        return {COUNTS_KEY: SumSpec((self.num_classes,), exact=True)}
+        """The clients' counts (and, with ``count_reporters``, their 1s), summed exactly."""
+        segments = {COUNTS_KEY: SumSpec((self.num_classes,), exact=True)}
+        if self.count_reporters:
+            segments[REPORTERS_KEY] = SumSpec((1,), exact=True)
+        return segments
 
     def state_dict(self) -> dict[str, np.ndarray]:
-        return {"count_total": self.count_total}
+        return {"count_total": self.count_total, "clients_counted": np.asarray(self.clients_counted)}
 
     def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
         self.count_total = np.asarray(state["count_total"], dtype=np.int64)
+        self.clients_counted = int(state.get("clients_counted", 0))  # checkpoints before the tally have none
+
+
+def counts_report(counts: Tensor, count_reporters: bool = False) -> Payload:
+    """A client's report of its class counts (with ``count_reporters``, a 1 beside them)."""
+    report: Payload = {COUNTS_KEY: counts.numpy().astype(np.int64)}
+    if count_reporters:
+        report[REPORTERS_KEY] = np.ones(1, dtype=np.int64)
+    return report

@@ -50,7 +50,7 @@ from fedlt_app.methods.base import Payload, SumSpec
 from fedlt_app.methods.class_prior import (
     COUNTS_KEY,
     PRIOR_KEY,
-    FederationPrior,
+    FederationCounts,
     adjusted_loss,
     label_counts,
     log_prior_adjustment,
@@ -82,16 +82,16 @@ class GrapeLAClient(RedGrapeClient):
 
 
 class GrapeLAServer(RedGrapeServer):
-    """RedGrape's prototype store plus the federation's prior (``class_prior.FederationPrior``)."""
+    """RedGrape's prototype store plus the federation's prior (``class_prior.FederationCounts``)."""
 
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         super().__init__(cfg, model, data)
-        self.prior = FederationPrior(self.num_classes)
+        self.prior = FederationCounts(self.num_classes)
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
         payload = super().broadcast(server_round, global_model)
         if self.cfg.grape_la_prior == "global":
-            payload.update(self.prior.payload())
+            payload.update(self.prior.prior_payload())
         return payload
 
     def summands_of(self, report: Payload) -> Payload:
@@ -104,7 +104,7 @@ class GrapeLAServer(RedGrapeServer):
     def absorb_sums(self, server_round: int, sums: Payload) -> None:
         """Prototypes as RedGrape; class counts added to the federation's running total."""
         super().absorb_sums(server_round, sums)
-        self.prior.add(sums[COUNTS_KEY])
+        self.prior.add_sums(sums)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return {**super().state_dict(), **self.prior.state_dict()}

@@ -6,7 +6,7 @@ supplementary classifier, no prototypes, no re-balancing step; each client train
     loss = CE(z + τ·log π, y)        inference: argmax z (unchanged)
 
 with π the federation's class distribution (``fedavg-la-prior=global``: the server sums the clients'
-reported class counts and broadcasts the normalised running total, ``class_prior.FederationPrior``; a
+reported class counts and broadcasts the normalised running total, ``class_prior.FederationCounts``; a
 client's own counts in round 1) or the client's own (``local``: a balanced softmax per client, classes it
 lacks leave its softmax). The server is plain FedAvg.
 
@@ -41,7 +41,7 @@ from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMe
 from fedlt_app.methods.class_prior import (
     COUNTS_KEY,
     PRIOR_KEY,
-    FederationPrior,
+    FederationCounts,
     adjusted_loss,
     label_counts,
     log_prior_adjustment,
@@ -101,27 +101,26 @@ class FedAvgLAServer(ServerMethod):
 
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         super().__init__(cfg, model, data)
-        self.prior = FederationPrior(self.num_classes)
+        self.prior = FederationCounts(self.num_classes)
         self.posthoc = cfg.fedavg_la_posthoc != "none"
         self.strengths = candidate_strengths(cfg.fedavg_la_posthoc_grid)
         self.posthoc_strength: float | None = None  # this round's pick
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
-        return self.prior.payload() if self.cfg.fedavg_la_prior == "global" else {}
+        return self.prior.prior_payload() if self.cfg.fedavg_la_prior == "global" else {}
 
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
         """The round's counts summed: the very sum secure aggregation would reveal."""
-        if reports:
-            self.prior.add(sum(np.asarray(r.payload[COUNTS_KEY], dtype=np.int64) for r in reports))
+        self.prior.add_reports([r.payload for r in reports])
 
     def sum_segments(self) -> dict[str, SumSpec]:
         return self.prior.sum_segments()
 
     def absorb_sums(self, server_round: int, sums: Payload) -> None:
-        self.prior.add(sums[COUNTS_KEY])
+        self.prior.add_sums(sums)
 
     def statistics_payload(self, server_round: int) -> Payload:
-        return self.prior.payload() if self.posthoc else {}
+        return self.prior.prior_payload() if self.posthoc else {}
 
     def statistics_sum_segments(self) -> dict[str, SumSpec]:
         return {HITS_KEY: SumSpec((len(self.strengths), self.num_classes), exact=True),
@@ -142,7 +141,7 @@ class FedAvgLAServer(ServerMethod):
         self.posthoc_strength = None
         ask_clients(network)
         assert self.posthoc_strength is not None, "the statistics query picks the strength"
-        return shifted_network(network, self.prior.payload()[PRIOR_KEY], self.posthoc_strength)
+        return shifted_network(network, self.prior.prior_payload()[PRIOR_KEY], self.posthoc_strength)
 
     def round_metrics(self) -> dict[str, float | int]:
         return {"posthoc_strength": self.posthoc_strength} if self.posthoc else {}

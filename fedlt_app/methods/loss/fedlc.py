@@ -68,12 +68,11 @@ from torch.nn import functional as F
 from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
-from fedlt_app.methods.class_prior import COUNTS_KEY, label_counts
+from fedlt_app.methods.class_prior import FederationCounts, counts_report, label_counts
 from fedlt_app.models import EncoderClassifier
 from fedlt_app.precision import Precision
 
 FEDERATION_COUNTS_KEY = "federation-class-counts"  # the server's broadcast (fedlc-counts=federation)
-REPORTERS_KEY = "reporting-clients"  # 1 per client beside its counts: the sum says how many clients reported
 
 
 def calibration_margins(class_counts: Tensor, tau: float, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -94,33 +93,6 @@ def calibrated_loss(logits: Tensor, targets: Tensor, class_counts: Tensor, tau: 
     return F.cross_entropy(calibrated_logits(logits, class_counts, tau), targets)
 
 
-class FederationCounts:
-    """The server's running total of the clients' class counts, scaled to the whole federation."""
-
-    def __init__(self, num_classes: int, num_clients: int) -> None:
-        self.num_clients = num_clients
-        self.count_total = np.zeros(num_classes, dtype=np.int64)
-        self.clients_counted = 0  # reports summed so far (a client reporting in several rounds counts each time)
-
-    def add(self, counts: np.ndarray, clients: int) -> None:
-        """Counts summed over ``clients`` reports (secure aggregation reveals exactly this sum)."""
-        self.count_total += np.asarray(counts, dtype=np.int64)
-        self.clients_counted += int(clients)
-
-    def estimate(self) -> np.ndarray | None:
-        """n_c for the federation: the mean report times the number of clients (None before any report)."""
-        if self.clients_counted == 0:
-            return None
-        return self.count_total.astype(np.float64) * (self.num_clients / self.clients_counted)
-
-    def state_dict(self) -> dict[str, np.ndarray]:
-        return {"count_total": self.count_total, "clients_counted": np.asarray(self.clients_counted)}
-
-    def load_state_dict(self, state: dict[str, np.ndarray]) -> None:
-        self.count_total = np.asarray(state["count_total"], dtype=np.int64)
-        self.clients_counted = int(state["clients_counted"])
-
-
 class FedLCClient(ClientMethod):
     """The calibrated loss, with the client's own counts or (``fedlc-counts=federation``) the broadcast ones."""
 
@@ -139,7 +111,7 @@ class FedLCClient(ClientMethod):
         return calibrated_loss(model(x), y, self.class_counts, self.cfg.fedlc_tau)
 
     def report(self) -> Payload:
-        return _counts_report(self._own_counts) if self.cfg.fedlc_counts == "federation" else {}
+        return counts_report(self._own_counts, count_reporters=True) if self.cfg.fedlc_counts == "federation" else {}
 
     def summands(self) -> Payload:
         return self.report()
@@ -147,15 +119,11 @@ class FedLCClient(ClientMethod):
     def statistics(self, model: EncoderClassifier, images: Tensor, labels: Tensor, precision: Precision,
                    generator: torch.Generator | None = None) -> Payload:
         """The server's round-1 query (``federation``): this client's class counts, before any training."""
-        return _counts_report(label_counts(labels, self.num_classes))
+        return counts_report(label_counts(labels, self.num_classes), count_reporters=True)
 
     def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
                             precision: Precision, generator: torch.Generator | None = None) -> Payload:
         return self.statistics(model, images, labels, precision)  # integers, dense: summed exactly
-
-
-def _counts_report(counts: Tensor) -> Payload:
-    return {COUNTS_KEY: counts.numpy().astype(np.int64), REPORTERS_KEY: np.ones(1, dtype=np.int64)}
 
 
 class FedLCServer(ServerMethod):
@@ -165,10 +133,11 @@ class FedLCServer(ServerMethod):
     def __init__(self, cfg: RunConfig, model: EncoderClassifier, data: FederatedData) -> None:
         super().__init__(cfg, model, data)
         self.federation = cfg.fedlc_counts == "federation"
-        self.counts = FederationCounts(self.num_classes, data.num_clients if self.federation else 0)
+        num_clients = data.num_clients if self.federation else 0
+        self.counts = FederationCounts(self.num_classes, num_clients, count_reporters=True)
 
     def wants_statistics_before_training(self, server_round: int) -> bool:
-        return self.federation and self.counts.estimate() is None
+        return self.federation and self.counts.federation_counts() is None
 
     def absorb_statistics(self, server_round: int, global_model: EncoderClassifier,
                           reports: list[ClientReport]) -> None:
@@ -181,21 +150,19 @@ class FedLCServer(ServerMethod):
         self.absorb_sums(server_round, sums)
 
     def broadcast(self, server_round: int, global_model: EncoderClassifier) -> Payload:
-        estimate = self.counts.estimate() if self.federation else None
+        estimate = self.counts.federation_counts() if self.federation else None
         return {FEDERATION_COUNTS_KEY: estimate} if estimate is not None else {}
 
     def absorb(self, server_round: int, reports: list[ClientReport]) -> None:
-        if self.federation and reports:
-            self.counts.add(sum(np.asarray(r.payload[COUNTS_KEY], dtype=np.int64) for r in reports), len(reports))
+        if self.federation:
+            self.counts.add_reports([r.payload for r in reports])
 
     def sum_segments(self) -> dict[str, SumSpec]:
-        if not self.federation:
-            return {}
-        return {COUNTS_KEY: SumSpec((self.num_classes,), exact=True), REPORTERS_KEY: SumSpec((1,), exact=True)}
+        return self.counts.sum_segments() if self.federation else {}
 
     def absorb_sums(self, server_round: int, sums: Payload) -> None:
         if self.federation:
-            self.counts.add(sums[COUNTS_KEY], int(np.asarray(sums[REPORTERS_KEY]).reshape(-1)[0]))
+            self.counts.add_sums(sums)
 
     def state_dict(self) -> dict[str, np.ndarray]:
         return self.counts.state_dict() if self.federation else {}
