@@ -140,6 +140,8 @@ def test_one_running_total_gives_the_prior_and_the_federation_counts() -> None:
     assert set(tally.sum_segments()) == {COUNTS_KEY, REPORTERS_KEY}
     prior_only = FederationCounts(NUM_CLASSES)
     assert set(prior_only.sum_segments()) == {COUNTS_KEY}
+    prior_only.add_reports(plain)  # the plain path keeps no tally either, as the secure path could not
+    assert prior_only.clients_counted == 0
     with pytest.raises(ValueError, match="count_reporters"):
         prior_only.federation_counts()
     prior_only.load_state_dict({"count_total": np.array([1, 2, 3, 4])})  # a checkpoint written before the tally

@@ -79,7 +79,8 @@ class FederationCounts:
     def add_reports(self, payloads: list[Payload]) -> None:
         """The plain path's reports, summed as secure aggregation would sum them."""
         if payloads:
-            self.add(sum(np.asarray(p[COUNTS_KEY], dtype=np.int64) for p in payloads), len(payloads))
+            reporters = len(payloads) if self.count_reporters else 0  # as the secure path: no tally unless asked
+            self.add(sum(np.asarray(p[COUNTS_KEY], dtype=np.int64) for p in payloads), reporters)
 
     def add_sums(self, sums: Payload) -> None:
         """The secure path's sums (``sum_segments``)."""
