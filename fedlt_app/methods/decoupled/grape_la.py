@@ -52,6 +52,7 @@ from fedlt_app.methods.class_prior import (
     PRIOR_KEY,
     FederationCounts,
     adjusted_loss,
+    counts_report,
     label_counts,
     log_prior_adjustment,
     training_prior,
@@ -75,10 +76,10 @@ class GrapeLAClient(RedGrapeClient):
         return adjusted_loss(two_head_logits(model, x), y, self._adjustment)
 
     def report(self) -> Payload:
-        return {**super().report(), COUNTS_KEY: self._counts.numpy().astype(np.int64)}
+        return {**super().report(), **counts_report(self._counts)}
 
     def summands(self) -> Payload:
-        return {**super().summands(), COUNTS_KEY: self._counts.numpy().astype(np.int64)}
+        return {**super().summands(), **counts_report(self._counts)}
 
 
 class GrapeLAServer(RedGrapeServer):

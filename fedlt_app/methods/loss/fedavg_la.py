@@ -39,10 +39,10 @@ from fedlt_app.config import RunConfig
 from fedlt_app.data import FederatedData
 from fedlt_app.methods.base import ClientMethod, ClientReport, Payload, ServerMethod, SumSpec
 from fedlt_app.methods.class_prior import (
-    COUNTS_KEY,
     PRIOR_KEY,
     FederationCounts,
     adjusted_loss,
+    counts_report,
     label_counts,
     log_prior_adjustment,
     training_prior,
@@ -72,7 +72,7 @@ class FedAvgLAClient(ClientMethod):
         return adjusted_loss(model(x), y, self._adjustment)
 
     def report(self) -> Payload:
-        return {COUNTS_KEY: self._counts.numpy().astype(np.int64)}
+        return counts_report(self._counts)
 
     def summands(self) -> Payload:
         return self.report()
