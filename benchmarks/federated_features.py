@@ -3,8 +3,9 @@
 CReFF (Shang et al., IJCAI 2022) re-trains its evaluated head on 100 server-side "federated features" per class,
 moved each round so that the classifier gradient they produce matches, row by row in cosine, the clients' mean
 gradient on their real features. A cosine match fixes directions, not where a class's features lie: the features
-start as ``torch.randn`` and keep about that norm (√d). This script reads a finished CReFF run's ``checkpoint.pt``
-(the final global encoder, the federated features and the re-trained head) and asks, per class:
+start as ``torch.randn`` (norm about √d) and nothing asks them to take the real features' norms. This script
+reads a finished CReFF run's ``checkpoint.pt`` (the final global encoder, the federated features and the re-trained
+head) and asks, per class:
 
 ``geometry``
     the mean norm of the class's real training features and of its federated ones; the cosine between the two
@@ -79,6 +80,8 @@ def balanced_draw(labels: Tensor, per_class: int, num_classes: int, generator: t
     picks = []
     for c in range(num_classes):
         members = torch.nonzero(labels == c).flatten()
+        if len(members) == 0:
+            raise ValueError(f"class {c} has no training image in the federation: nothing to draw its features from")
         picks.append(members[torch.randint(len(members), (per_class,), generator=generator)])
     return torch.cat(picks)
 

@@ -44,6 +44,8 @@ def test_the_real_draw_takes_as_many_of_each_class_even_of_a_rarer_one() -> None
     drawn = features_module.balanced_draw(labels, 10, 2, torch.Generator().manual_seed(0))
     assert torch.bincount(labels[drawn], minlength=2).tolist() == [10, 10]
     assert set(drawn[10:].tolist()) <= {50, 51, 52}
+    with pytest.raises(ValueError, match="class 2 has no training image"):
+        features_module.balanced_draw(labels, 10, 3, torch.Generator().manual_seed(0))
 
 
 def test_a_finished_creff_run_s_head_is_what_the_run_measured(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
