@@ -7,10 +7,13 @@ and ``runs/<cell-name>[-retry<k>]/`` (each run's ``config.json``,
 writes, next to them, from their reading in :mod:`fedlt_app.sweep_results`
 (the figures are :mod:`fedlt_app.report_plots`'):
 
-- ``table.md``: one section per metric (balanced, tail, many-, medium- and
-  few-shot accuracy); rows are the sweep's row key (methods), columns its
-  settings (every other grid key); each entry is the last-10-round mean of a
-  run, in percent, as mean ± std over the seeds (sample std, ddof = 1);
+- ``table.md``: a summary first (also ``table-summary.csv``: per method its
+  finished seeds, balanced and tail accuracy and the paired differences to the
+  sweep's reference, best balanced accuracy first), then one section per metric
+  (balanced, tail, many-, medium- and few-shot accuracy); rows are the sweep's
+  row key (methods), columns its settings (every other grid key); each entry
+  is the last-10-round mean of a run, in percent, as mean ± std over the seeds
+  (sample std, ddof = 1);
 - ``table.csv`` (balanced accuracy), ``table-tail.csv``, ``table-many.csv``,
   ``table-medium.csv``, ``table-few.csv``: the same tables; ``runs.csv``: one
   line per cell with the numbers behind them;
@@ -31,6 +34,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -147,6 +151,48 @@ def paired_table(res: SweepResults, metric: str = "accuracy", reference: str | N
     return lines
 
 
+def _spread(s: Stat) -> str:
+    """'95.73 ± 0.46' in percent, without format_stat's seed counts (the summary has a column for them)."""
+    if s.mean is None:
+        return "—"
+    return f"{100 * s.mean:.2f}" + (f" ± {100 * s.std:.2f}" if s.std is not None else "")
+
+
+def summary_table(res: SweepResults) -> list[list[str]]:
+    """The whole comparison in one table: per row (method) its finished seeds, balanced and tail accuracy, and
+    the paired differences to the sweep's main reference.
+
+    A reader asking which method works reads one line per method instead of four tables. Rows whose every
+    seed finished come first, best balanced mean first, then those still missing seeds (a one-seed mean is
+    not ranked among three-seed ones), then those with none, in the sweep's order. The order is of the means:
+    the ± and the paired columns say whether a step in it is more than noise. With several columns (settings)
+    each gets its own block, headed by a ``setting`` column."""
+    key, references = paired_references(res) or ("", [])
+    several = len(res.columns) > 1
+    header = ["setting"] if several else []
+    header += [" / ".join(res.axis_label(k) for k in res.row_keys), "seeds", "balanced", "tail"]
+    if references:
+        reference = res.coord_label(key, references[0])
+        header += [f"Δ balanced vs {reference} (paired)", f"Δ tail vs {reference} (paired)"]
+    lines = [header]
+    for column in res.columns:
+        entries = []
+        for row in res.rows:
+            balanced, tail = (stat(res, row, column, m.key) for m in PAIRED_METRICS)
+            if balanced.planned == 0:
+                continue
+            seeds = str(balanced.n) if balanced.n >= balanced.planned else f"{balanced.n}/{balanced.planned}"
+            line = ([res.column_label(column)] if several else []) + [
+                res.row_label(row), seeds, _spread(balanced), _spread(tail)]
+            if references:
+                paired = [paired_stat(res, row, column, m.key) for m in PAIRED_METRICS]
+                line += ["reference" if d is None else format_difference(d) for d in paired]
+            entries.append((balanced.mean, balanced.n < balanced.planned, line))
+        ranked = sorted((e for e in entries if e[0] is not None), key=lambda e: (e[1], -e[0]))
+        lines += [line for *_, line in ranked] + [line for mean, _, line in entries if mean is None]
+    return lines
+
+
 def paired_stem(stem: str, references: Sequence[str], reference: str) -> str:
     """The csv file of a paired table: ``table-paired`` for the main reference, ``table-paired-<value>`` else."""
     suffix = "" if reference == references[0] else "-" + SAFE.sub("_", reference)
@@ -157,6 +203,14 @@ def markdown_table(lines: Sequence[Sequence[str]]) -> str:
     out = ["| " + " | ".join(lines[0]) + " |", "|" + "---|" * len(lines[0])]
     out += ["| " + " | ".join(line) + " |" for line in lines[1:]]
     return "\n".join(out)
+
+
+SUMMARY_HEADING = "## Summary"
+SUMMARY_NOTE = (
+    "One line per setting: those with every seed finished first, best balanced accuracy first, then those still "
+    "missing seeds ('2/3': two of three finished), ranked among themselves. The order is of the means; read the ± "
+    "and the paired columns before calling one method ahead of another."
+)
 
 
 def markdown(res: SweepResults) -> str:
@@ -175,6 +229,7 @@ def markdown(res: SweepResults) -> str:
         + (" '(n seeds)': more seeds than the sweep's, where a paired difference was smaller than its spread "
            "(the sweep file's more-seeds)." if any(c["seed"] not in seeds for c in res.cells) else "")
     )
+    parts.append(f"{SUMMARY_HEADING}\n\n{SUMMARY_NOTE}\n\n{markdown_table(summary_table(res))}")
     for metric in METRICS:
         parts.append(f"## {metric.title}\n\n{markdown_table(table(res, metric.key))}")
     key, references = paired_references(res) or ("", [])
@@ -289,6 +344,9 @@ def runs_table(res: SweepResults) -> list[list[Any]]:
 def write_tables(res: SweepResults) -> list[Path]:
     written = [res.root / "table.md"]
     written[0].write_text(markdown(res))
+    summary = res.root / "table-summary.csv"
+    summary.write_text(_csv_text(summary_table(res)))
+    written.append(summary)
     for metric in METRICS:
         path = res.root / f"{metric.stem}.csv"
         path.write_text(_csv_text(table(res, metric.key)))
@@ -304,16 +362,44 @@ def write_tables(res: SweepResults) -> list[Path]:
     return [*written, path]
 
 
+SUMMARY_BLOCK = re.compile(
+    r"(?P<start><!-- fedlt-summary: (?P<sweep>\S+) -->\n)(?:.*?\n)?(?P<end><!-- /fedlt-summary -->)", re.S)
+
+
+def embed_summaries(text: str, resolve: Callable[[str], Path]) -> str:
+    """Replace each block between ``<!-- fedlt-summary: results/<sweep> -->`` and ``<!-- /fedlt-summary -->``
+    in ``text`` (a README) with that sweep's summary table as its runs give it now (``resolve`` maps the
+    marker's path to the sweep folder), so a document quoting the table cannot drift from the runs."""
+    if not SUMMARY_BLOCK.search(text):
+        raise ReportError("no '<!-- fedlt-summary: results/<sweep> -->' ... '<!-- /fedlt-summary -->' block to fill")
+    return SUMMARY_BLOCK.sub(
+        lambda m: m["start"] + markdown_table(summary_table(load(resolve(m["sweep"])))) + "\n" + m["end"], text)
+
+
 def write_report(path: str | Path, log: Callable[[str], None] = print) -> list[Path]:
     """Write table.md, the csv tables and the plots of ``results/<sweep>/``; return their paths."""
     res = load(path)
     return write_tables(res) + write_plots(res, log)
 
 
+USAGE = ("usage: python -m fedlt_app.report results/<sweep>\n"
+         "       python -m fedlt_app.report --embed-summaries README.md  (refill its fedlt-summary blocks)")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if len(args) == 2 and args[0] == "--embed-summaries":
+        document = Path(args[1])
+        try:
+            text = embed_summaries(document.read_text(), lambda sweep: document.parent / sweep)
+        except (OSError, ReportError) as err:
+            print(f"report: {err}", file=sys.stderr)
+            return 2
+        document.write_text(text)
+        print(document)
+        return 0
     if len(args) != 1 or args[0].startswith("-"):
-        print("usage: python -m fedlt_app.report results/<sweep>", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     try:
         for written in write_report(args[0]):

@@ -639,6 +639,63 @@ def test_a_second_reference_gets_tables_of_its_own(paired_sweep: Path) -> None:
         "key": "method", "references": ["fedavg", "redgrape"]}
 
 
+def test_the_summary_ranks_fully_run_settings_by_balanced_accuracy(paired_sweep: Path) -> None:
+    """``table-summary.csv`` (and table.md's first section): per column block, the methods whose every seed
+    finished ranked by their balanced mean, then those missing seeds; each entry is the metric tables' mean and
+    std (recomputed here from the runs) and the paired tables' difference; the reference's own Δ says so."""
+    lines = read_csv(paired_sweep / "table-summary.csv")
+    assert lines[0] == ["setting", "method", "seeds", "balanced", "tail",
+                        "Δ balanced vs FedAvg+CE (paired)", "Δ tail vs FedAvg+CE (paired)"]
+    labels = {"fedavg": "FedAvg+CE", "fedprox": "FedProx", "redgrape": "RedGrape"}
+    paired = {metric: {(line[0], column): entry
+                       for line in read_csv(paired_sweep / f"{stem}.csv")[1:]
+                       for column, entry in zip(("IR=10", "IR=100"), line[1:], strict=True)}
+              for stem, metric in (("table-paired", "accuracy"), ("table-tail-paired", "tail_accuracy"))}
+    assert [line[0] for line in lines[1:]] == ["IR=10"] * 3 + ["IR=100"] * 3
+    for column, ir in (("IR=10", "10"), ("IR=100", "100")):
+        block = [line for line in lines[1:] if line[0] == column]
+        values = {}
+        for method, label in labels.items():
+            runs = [last10(paired_sweep, f"method-{method}__imbalance-ratio-{ir}__seed-{seed}", "accuracy")
+                    for seed in (0, 1, 2)]
+            values[label] = [v for v in runs if v is not None]
+        complete = sorted((label for label in labels.values() if len(values[label]) == 3),
+                          key=lambda label: -statistics.mean(values[label]))
+        partial = [label for label in labels.values() if len(values[label]) < 3]
+        assert [line[1] for line in block] == complete + partial
+        for line in block:
+            balanced = values[line[1]]
+            assert line[2] == (str(len(balanced)) if len(balanced) == 3 else f"{len(balanced)}/3")
+            assert line[3] == f"{statistics.mean(balanced):.2f} ± {statistics.stdev(balanced):.2f}"
+            if line[1] == "FedAvg+CE":
+                assert line[5:] == ["reference", "reference"]
+            else:
+                assert line[5] == paired["accuracy"][(line[1], column)]
+                assert line[6] == paired["tail_accuracy"][(line[1], column)]
+    assert lines[-1][1:3] == ["RedGrape", "2/3"]  # its missing seed puts it after the fully run ones
+    text = (paired_sweep / "table.md").read_text()
+    assert text.index("## Summary") < text.index("## Balanced accuracy")
+
+
+def test_embed_summaries_fills_only_the_marked_block(paired_sweep: Path) -> None:
+    text = "before\n<!-- fedlt-summary: paired -->\nstale line\n<!-- /fedlt-summary -->\nafter\n"
+    filled = report.embed_summaries(text, lambda sweep: paired_sweep.parent / sweep)
+    table = report.markdown_table(report.summary_table(sweep_results.load(paired_sweep)))
+    assert filled == f"before\n<!-- fedlt-summary: paired -->\n{table}\n<!-- /fedlt-summary -->\nafter\n"
+    assert report.embed_summaries(filled, lambda sweep: paired_sweep.parent / sweep) == filled
+    with pytest.raises(sweep_results.ReportError, match="no '<!-- fedlt-summary"):
+        report.embed_summaries("a README without the block\n", lambda sweep: paired_sweep)
+
+
+def test_readme_summary_is_the_committed_runs_table() -> None:
+    """README's converged summary is regenerated from ``results/``' committed runs: a cell landing without it,
+    or a hand edit, fails here."""
+    text = (ROOT / "README.md").read_text()
+    assert "<!-- fedlt-summary: results/converged-fmnist-ir100 -->" in text
+    assert text == report.embed_summaries(text, lambda sweep: ROOT / sweep), (
+        "README's summary is stale: python -m fedlt_app.report --embed-summaries README.md")
+
+
 def test_a_manifest_from_before_several_references_still_pairs() -> None:
     old = sweep_results.SweepResults(Path("."), {"paired": {"key": "method", "reference": "fedavg"}}, {}, {})
     assert sweep_results.paired_references(old) == ("method", ["fedavg"])
