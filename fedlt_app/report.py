@@ -9,7 +9,9 @@ writes, next to them, from their reading in :mod:`fedlt_app.sweep_results`
 
 - ``table.md``: a summary first (also ``table-summary.csv``: per method its
   finished seeds, balanced and tail accuracy and the paired differences to the
-  sweep's reference, best balanced accuracy first), then one section per metric
+  sweep's reference, over the sweep's seeds, best balanced accuracy first; rows
+  with ``more-seeds`` runs again over all of them in
+  ``table-summary-more-seeds.csv``), then one section per metric
   (balanced, tail, many-, medium- and few-shot accuracy); rows are the sweep's
   row key (methods), columns its settings (every other grid key); each entry
   is the last-10-round mean of a run, in percent, as mean ± std over the seeds
@@ -158,15 +160,25 @@ def _spread(s: Stat) -> str:
     return f"{100 * s.mean:.2f}" + (f" ± {100 * s.std:.2f}" if s.std is not None else "")
 
 
-def summary_table(res: SweepResults) -> list[list[str]]:
+def more_seeds_of(res: SweepResults, row: Sequence[str], column: Sequence[str]) -> bool:
+    """Whether an entry has cells beyond the sweep's seeds (the sweep file's ``more-seeds``)."""
+    sweep_seeds = res.meta.get("seeds")
+    return sweep_seeds is not None and any(
+        c["seed"] not in sweep_seeds for c in res.cells_at((res.row_keys, row), (res.column_keys, column)))
+
+
+def summary_table(res: SweepResults, more_seeds: bool = False) -> list[list[str]]:
     """The whole comparison in one table: per row (method) its finished seeds, balanced and tail accuracy, and
     the paired differences to the sweep's main reference.
 
-    A reader asking which method works reads one line per method instead of four tables. Rows whose every
-    seed finished come first, best balanced mean first, then those still missing seeds (a one-seed mean is
-    not ranked among three-seed ones), then those with none, in the sweep's order. The order is of the means:
-    the ± and the paired columns say whether a step in it is more than noise. With several columns (settings)
-    each gets its own block, headed by a ``setting`` column."""
+    A reader asking which method works reads one line per method instead of four tables. Every entry is over
+    the sweep's own seeds, so that rows are ranked on the same seeds (a mean over five seeds is not one over
+    three); ``more_seeds``: only the rows with ``more-seeds`` runs, over every seed. Rows whose every seed
+    finished come first, best balanced mean first, then those still missing seeds (a one-seed mean is not
+    ranked among three-seed ones), then those with none, in the sweep's order. The order is of the means: the ±
+    and the paired columns say whether a step in it is more than noise. With several columns (settings) each
+    gets its own block, headed by a ``setting`` column."""
+    seeds = None if more_seeds else res.meta.get("seeds")
     key, references = paired_references(res) or ("", [])
     several = len(res.columns) > 1
     header = ["setting"] if several else []
@@ -178,19 +190,34 @@ def summary_table(res: SweepResults) -> list[list[str]]:
     for column in res.columns:
         entries = []
         for row in res.rows:
-            balanced, tail = (stat(res, row, column, m.key) for m in PAIRED_METRICS)
+            if more_seeds and not more_seeds_of(res, row, column):
+                continue
+            balanced, tail = (stat(res, row, column, m.key, seeds) for m in PAIRED_METRICS)
             if balanced.planned == 0:
                 continue
-            seeds = str(balanced.n) if balanced.n >= balanced.planned else f"{balanced.n}/{balanced.planned}"
+            finished = str(balanced.n) if balanced.n >= balanced.planned else f"{balanced.n}/{balanced.planned}"
             line = ([res.column_label(column)] if several else []) + [
-                res.row_label(row), seeds, _spread(balanced), _spread(tail)]
+                res.row_label(row), finished, _spread(balanced), _spread(tail)]
             if references:
-                paired = [paired_stat(res, row, column, m.key) for m in PAIRED_METRICS]
+                paired = [paired_stat(res, row, column, m.key, seeds=seeds) for m in PAIRED_METRICS]
                 line += ["reference" if d is None else format_difference(d) for d in paired]
             entries.append((balanced.mean, balanced.n < balanced.planned, line))
         ranked = sorted((e for e in entries if e[0] is not None), key=lambda e: (e[1], -e[0]))
         lines += [line for *_, line in ranked] + [line for mean, _, line in entries if mean is None]
     return lines
+
+
+def has_more_seeds(res: SweepResults) -> bool:
+    return any(more_seeds_of(res, row, column) for row in res.rows for column in res.columns)
+
+
+def summary_markdown(res: SweepResults) -> str:
+    """The summary table over the sweep's seeds, then, if some rows have ``more-seeds`` runs, theirs over all."""
+    text = markdown_table(summary_table(res))
+    if has_more_seeds(res):
+        text += ("\n\nThe settings with more seeds (the sweep file's more-seeds), over all of them, ranked among "
+                 "themselves:\n\n" + markdown_table(summary_table(res, more_seeds=True)))
+    return text
 
 
 def paired_stem(stem: str, references: Sequence[str], reference: str) -> str:
@@ -207,9 +234,9 @@ def markdown_table(lines: Sequence[Sequence[str]]) -> str:
 
 SUMMARY_HEADING = "## Summary"
 SUMMARY_NOTE = (
-    "One line per setting: those with every seed finished first, best balanced accuracy first, then those still "
-    "missing seeds ('2/3': two of three finished), ranked among themselves. The order is of the means; read the ± "
-    "and the paired columns before calling one method ahead of another."
+    "One line per setting, over the sweep's seeds: those with every seed finished first, best balanced accuracy "
+    "first, then those still missing seeds ('2/3': two of three finished), ranked among themselves. The order is "
+    "of the means; read the ± and the paired columns before calling one method ahead of another."
 )
 
 
@@ -229,7 +256,7 @@ def markdown(res: SweepResults) -> str:
         + (" '(n seeds)': more seeds than the sweep's, where a paired difference was smaller than its spread "
            "(the sweep file's more-seeds)." if any(c["seed"] not in seeds for c in res.cells) else "")
     )
-    parts.append(f"{SUMMARY_HEADING}\n\n{SUMMARY_NOTE}\n\n{markdown_table(summary_table(res))}")
+    parts.append(f"{SUMMARY_HEADING}\n\n{SUMMARY_NOTE}\n\n{summary_markdown(res)}")
     for metric in METRICS:
         parts.append(f"## {metric.title}\n\n{markdown_table(table(res, metric.key))}")
     key, references = paired_references(res) or ("", [])
@@ -347,6 +374,10 @@ def write_tables(res: SweepResults) -> list[Path]:
     summary = res.root / "table-summary.csv"
     summary.write_text(_csv_text(summary_table(res)))
     written.append(summary)
+    if has_more_seeds(res):
+        summary = res.root / "table-summary-more-seeds.csv"
+        summary.write_text(_csv_text(summary_table(res, more_seeds=True)))
+        written.append(summary)
     for metric in METRICS:
         path = res.root / f"{metric.stem}.csv"
         path.write_text(_csv_text(table(res, metric.key)))
@@ -373,7 +404,7 @@ def embed_summaries(text: str, resolve: Callable[[str], Path]) -> str:
     if not SUMMARY_BLOCK.search(text):
         raise ReportError("no '<!-- fedlt-summary: results/<sweep> -->' ... '<!-- /fedlt-summary -->' block to fill")
     return SUMMARY_BLOCK.sub(
-        lambda m: m["start"] + markdown_table(summary_table(load(resolve(m["sweep"])))) + "\n" + m["end"], text)
+        lambda m: m["start"] + summary_markdown(load(resolve(m["sweep"]))) + "\n" + m["end"], text)
 
 
 def write_report(path: str | Path, log: Callable[[str], None] = print) -> list[Path]:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -218,8 +218,11 @@ def mean_std(values: Sequence[float], ddof: int = DDOF) -> tuple[float | None, f
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - ddof))
 
 
-def stat(res: SweepResults, row: Sequence[str], column: Sequence[str], metric: str) -> Stat:
-    cells = res.cells_at((res.row_keys, row), (res.column_keys, column))
+def stat(res: SweepResults, row: Sequence[str], column: Sequence[str], metric: str,
+         seeds: Collection[int] | None = None) -> Stat:
+    """One entry over its seeds (only ``seeds`` if given: the sweep's own, to compare rows on the same ones)."""
+    cells = [c for c in res.cells_at((res.row_keys, row), (res.column_keys, column))
+             if seeds is None or c["seed"] in seeds]
     runs = [res.runs[c["name"]] for c in cells if c["name"] in res.runs]
     values = [v for v in (last_mean(r.rounds, metric) for r in runs) if v is not None]
     mean, std = mean_std(values)
@@ -278,15 +281,16 @@ def partner(res: SweepResults, cell: dict[str, Any], key: str, reference: str) -
 
 
 def paired_stat(res: SweepResults, row: Sequence[str], column: Sequence[str], metric: str,
-                reference: str | None = None) -> Stat | None:
+                reference: str | None = None, seeds: Collection[int] | None = None) -> Stat | None:
     """Per seed, this entry's last-10 mean minus its partner's at ``reference`` (default: the sweep's main one);
     None for the reference itself.
 
-    Only seeds where both runs completed count; ``values`` holds the per-seed differences.
+    Only seeds where both runs completed count (of ``seeds``, if given); ``values`` holds the per-seed differences.
     """
     key, references = paired_references(res) or ("", [""])
     reference = references[0] if reference is None else reference
-    cells = res.cells_at((res.row_keys, row), (res.column_keys, column))
+    cells = [c for c in res.cells_at((res.row_keys, row), (res.column_keys, column))
+             if seeds is None or c["seed"] in seeds]
     if not cells or any(value_text(c["coords"][key]) == reference for c in cells):
         return None
     diffs = []
