@@ -51,6 +51,7 @@ from fedlt_app.sweep_results import (
     ReportError,
     Stat,
     SweepResults,
+    entry_cells,
     last10_drift,
     last_mean,
     load,
@@ -79,6 +80,14 @@ METRICS = (
 PAIRED_METRICS = METRICS[:2]  # balanced and tail accuracy
 
 
+def _spread(s: Stat) -> str:
+    """'95.73 ± 0.46' in percent ('—' without a mean), without format_stat's seed counts (the summary has a
+    column for them)."""
+    if s.mean is None:
+        return "—"
+    return f"{100 * s.mean:.2f}" + (f" ± {100 * s.std:.2f}" if s.std is not None else "")
+
+
 def format_stat(s: Stat, sweep_seeds: int = 0) -> str:
     """Percent with 2 decimals: '95.73 ± 0.46'; '—' before any run finished; 'n/a' for an empty class group;
     '(5 seeds)' after an entry that ``more-seeds`` gave more than the sweep's ``sweep_seeds``."""
@@ -88,7 +97,7 @@ def format_stat(s: Stat, sweep_seeds: int = 0) -> str:
         return "—"
     if s.mean is None:
         return "n/a"
-    text = f"{100 * s.mean:.2f}" + (f" ± {100 * s.std:.2f}" if s.std is not None else "")
+    text = _spread(s)
     if s.n != s.planned:
         return f"{text} ({s.n}/{s.planned} seeds)"
     return f"{text} ({s.n} seeds)" if s.n > sweep_seeds > 0 else text
@@ -153,18 +162,10 @@ def paired_table(res: SweepResults, metric: str = "accuracy", reference: str | N
     return lines
 
 
-def _spread(s: Stat) -> str:
-    """'95.73 ± 0.46' in percent, without format_stat's seed counts (the summary has a column for them)."""
-    if s.mean is None:
-        return "—"
-    return f"{100 * s.mean:.2f}" + (f" ± {100 * s.std:.2f}" if s.std is not None else "")
-
-
 def more_seeds_of(res: SweepResults, row: Sequence[str], column: Sequence[str]) -> bool:
     """Whether an entry has cells beyond the sweep's seeds (the sweep file's ``more-seeds``)."""
     sweep_seeds = res.meta.get("seeds")
-    return sweep_seeds is not None and any(
-        c["seed"] not in sweep_seeds for c in res.cells_at((res.row_keys, row), (res.column_keys, column)))
+    return sweep_seeds is not None and any(c["seed"] not in sweep_seeds for c in entry_cells(res, row, column))
 
 
 def summary_table(res: SweepResults, more_seeds: bool = False) -> list[list[str]]:

@@ -218,11 +218,17 @@ def mean_std(values: Sequence[float], ddof: int = DDOF) -> tuple[float | None, f
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - ddof))
 
 
+def entry_cells(res: SweepResults, row: Sequence[str], column: Sequence[str],
+                seeds: Collection[int] | None = None) -> list[dict[str, Any]]:
+    """The cells of one table entry (row, column): every seed's, or only those of ``seeds``."""
+    return [c for c in res.cells_at((res.row_keys, row), (res.column_keys, column))
+            if seeds is None or c["seed"] in seeds]
+
+
 def stat(res: SweepResults, row: Sequence[str], column: Sequence[str], metric: str,
          seeds: Collection[int] | None = None) -> Stat:
     """One entry over its seeds (only ``seeds`` if given: the sweep's own, to compare rows on the same ones)."""
-    cells = [c for c in res.cells_at((res.row_keys, row), (res.column_keys, column))
-             if seeds is None or c["seed"] in seeds]
+    cells = entry_cells(res, row, column, seeds)
     runs = [res.runs[c["name"]] for c in cells if c["name"] in res.runs]
     values = [v for v in (last_mean(r.rounds, metric) for r in runs) if v is not None]
     mean, std = mean_std(values)
@@ -289,8 +295,7 @@ def paired_stat(res: SweepResults, row: Sequence[str], column: Sequence[str], me
     """
     key, references = paired_references(res) or ("", [""])
     reference = references[0] if reference is None else reference
-    cells = [c for c in res.cells_at((res.row_keys, row), (res.column_keys, column))
-             if seeds is None or c["seed"] in seeds]
+    cells = entry_cells(res, row, column, seeds)
     if not cells or any(value_text(c["coords"][key]) == reference for c in cells):
         return None
     diffs = []

@@ -687,6 +687,20 @@ def test_embed_summaries_fills_only_the_marked_block(paired_sweep: Path) -> None
         report.embed_summaries("a README without the block\n", lambda sweep: paired_sweep)
 
 
+def test_embed_summaries_command_rewrites_the_document(paired_sweep: Path, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    document = paired_sweep.parent / "README.md"
+    document.write_text("<!-- fedlt-summary: paired -->\n<!-- /fedlt-summary -->\n")
+    assert report.main(["--embed-summaries", str(document)]) == 0
+    table = report.summary_markdown(sweep_results.load(paired_sweep))
+    assert document.read_text() == f"<!-- fedlt-summary: paired -->\n{table}\n<!-- /fedlt-summary -->\n"
+    assert report.main(["--embed-summaries", str(tmp_path / "absent.md")]) == 2
+    (tmp_path / "plain.md").write_text("no block\n")
+    assert report.main(["--embed-summaries", str(tmp_path / "plain.md")]) == 2
+    assert "no '<!-- fedlt-summary" in capsys.readouterr().err
+    assert (tmp_path / "plain.md").read_text() == "no block\n"
+
+
 def test_readme_summary_is_the_committed_runs_table() -> None:
     """README's converged summary is regenerated from ``results/``' committed runs: a cell landing without it,
     or a hand edit, fails here."""
