@@ -6,6 +6,7 @@ outputs through the app's own RunRecorder, i.e. in the real output format.
 
 from __future__ import annotations
 
+import collections
 import csv
 import json
 import math
@@ -708,6 +709,24 @@ def test_readme_summary_is_the_committed_runs_table() -> None:
     assert "<!-- fedlt-summary: results/converged-fmnist-ir100 -->" in text
     assert text == report.embed_summaries(text, lambda sweep: ROOT / sweep), (
         "README's summary is stale: python -m fedlt_app.report --embed-summaries README.md")
+
+
+def test_readme_per_seed_rows_are_the_committed_runs() -> None:
+    """README's per-seed table of the converged sweep, written by hand as cells land: one row per completed run,
+    its seed, balanced and tail accuracy those of the run's last 10 rounds, and the 'In progress' count the
+    number of completed cells."""
+    res = sweep_results.load(ROOT / "results" / "converged-fmnist-ir100")
+    runs = collections.Counter(
+        (str(run.cell["seed"]), *(f"{100 * sweep_results.last_mean(run.rounds, m):.2f}"
+                                  for m in ("accuracy", "tail_accuracy")))
+        for run in res.runs.values())
+    text = (ROOT / "README.md").read_text()
+    start = text.index("| setting | seed | balanced | tail | many-shot")
+    lines = text[start:text.index("\n\n", start)].splitlines()[2:]
+    rows = collections.Counter(
+        tuple(cell.strip().strip("*") for cell in line.strip("|").split("|")[1:4]) for line in lines)
+    assert rows == runs, f"rows without a run: {rows - runs}; runs without a row: {runs - rows}"
+    assert f"**In progress ({len(res.runs)} of {len(res.cells)} cells)" in text
 
 
 def test_a_manifest_from_before_several_references_still_pairs() -> None:
