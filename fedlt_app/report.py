@@ -80,7 +80,7 @@ METRICS = (
 PAIRED_METRICS = METRICS[:2]  # balanced and tail accuracy
 
 
-def _spread(s: Stat) -> str:
+def format_spread(s: Stat) -> str:
     """'95.73 ± 0.46' in percent ('—' without a mean), without format_stat's seed counts (the summary has a
     column for them)."""
     if s.mean is None:
@@ -97,7 +97,7 @@ def format_stat(s: Stat, sweep_seeds: int = 0) -> str:
         return "—"
     if s.mean is None:
         return "n/a"
-    text = _spread(s)
+    text = format_spread(s)
     if s.n != s.planned:
         return f"{text} ({s.n}/{s.planned} seeds)"
     return f"{text} ({s.n} seeds)" if s.n > sweep_seeds > 0 else text
@@ -198,7 +198,7 @@ def summary_table(res: SweepResults, more_seeds: bool = False) -> list[list[str]
                 continue
             finished = str(balanced.n) if balanced.n >= balanced.planned else f"{balanced.n}/{balanced.planned}"
             line = ([res.column_label(column)] if several else []) + [
-                res.row_label(row), finished, _spread(balanced), _spread(tail)]
+                res.row_label(row), finished, format_spread(balanced), format_spread(tail)]
             if references:
                 paired = [paired_stat(res, row, column, m.key, seeds=seeds) for m in PAIRED_METRICS]
                 line += ["reference" if d is None else format_difference(d) for d in paired]
@@ -209,7 +209,9 @@ def summary_table(res: SweepResults, more_seeds: bool = False) -> list[list[str]
 
 
 def has_more_seeds(res: SweepResults) -> bool:
-    return any(more_seeds_of(res, row, column) for row in res.rows for column in res.columns)
+    """Whether any cell runs a seed beyond the sweep's (the sweep file's ``more-seeds``)."""
+    sweep_seeds = res.meta.get("seeds")
+    return sweep_seeds is not None and any(c["seed"] not in sweep_seeds for c in res.cells)
 
 
 def summary_markdown(res: SweepResults) -> str:
@@ -255,7 +257,7 @@ def markdown(res: SweepResults) -> str:
         "'—': no completed run yet; '(k/n seeds)': only k of n seeds completed; "
         "'n/a': the class group is empty in this setting."
         + (" '(n seeds)': more seeds than the sweep's, where a paired difference was smaller than its spread "
-           "(the sweep file's more-seeds)." if any(c["seed"] not in seeds for c in res.cells) else "")
+           "(the sweep file's more-seeds)." if has_more_seeds(res) else "")
     )
     parts.append(f"{SUMMARY_HEADING}\n\n{SUMMARY_NOTE}\n\n{summary_markdown(res)}")
     for metric in METRICS:

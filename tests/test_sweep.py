@@ -773,12 +773,12 @@ def test_more_seeds_add_seeds_to_the_matching_cells_and_their_paired_reference(t
     assert three.n == 3 and three.values == five.values[:3]
     summary = read_csv(tmp_path / "small" / "table-summary.csv")
     fedprox = next(line for line in summary if line[:2] == ["IR=10", "FedProx"])
-    assert fedprox[2:4] == ["3", report._spread(three)]
+    assert fedprox[2:4] == ["3", report.format_spread(three)]
     assert fedprox[5] == report.format_difference(
         sweep_results.paired_stat(res, ("fedprox",), ("10",), "accuracy", seeds=[0, 1, 2]))
     extended = read_csv(tmp_path / "small" / "table-summary-more-seeds.csv")
     assert sorted(line[1] for line in extended[1:]) == ["FedAvg+CE"] * 2 + ["FedProx"] * 2  # not RedGrape
-    assert next(line for line in extended if line[:2] == ["IR=10", "FedProx"])[2:4] == ["5", report._spread(five)]
+    assert next(line for line in extended if line[:2] == ["IR=10", "FedProx"])[2:4] == ["5", report.format_spread(five)]
 
 
 def test_more_seeds_need_a_partner_at_the_paired_reference_and_new_seeds() -> None:
