@@ -17,8 +17,10 @@ writes, next to them, from their reading in :mod:`fedlt_app.sweep_results`
   is the last-10-round mean of a run, in percent, as mean ± std over the seeds
   (sample std, ddof = 1);
 - ``table.csv`` (balanced accuracy), ``table-tail.csv``, ``table-many.csv``,
-  ``table-medium.csv``, ``table-few.csv``: the same tables; ``runs.csv``: one
-  line per cell with the numbers behind them;
+  ``table-medium.csv``, ``table-few.csv``: the same tables; with a ``paired``
+  reference, the paired differences to it (``table-paired*.csv``) and, per
+  class, ``table-per-class-paired.csv`` (also a table.md section); ``runs.csv``:
+  one line per cell with the numbers behind them;
 - ``plots/accuracy-<setting>.png``: accuracy per round of every row (method),
   mean over seeds (the paper's Figure 2), with a zoom on the last half of the rounds for runs of 20 or more;
   ``plots/per-class-<setting>.png``: per-class last-10-round accuracy, bars per row (a rows × classes map
@@ -51,10 +53,12 @@ from fedlt_app.sweep_results import (
     ReportError,
     Stat,
     SweepResults,
+    class_counts_of,
     entry_cells,
     last10_drift,
     last_mean,
     load,
+    paired_class_stats,
     paired_references,
     paired_stat,
     plateau_round,
@@ -159,6 +163,46 @@ def paired_table(res: SweepResults, metric: str = "accuracy", reference: str | N
         if all(s is None for s in stats):
             continue
         lines.append([res.row_label(row)] + ["" if s is None else format_difference(s) for s in stats])
+    return lines
+
+
+def format_class_difference(s: Stat) -> str:
+    """'+31.8 ± 4.1': a class's paired difference in points, one decimal (ten of them share a line); ‡ as in
+    :func:`format_difference`."""
+    if s.mean is None:
+        return "—"
+    text = f"{100 * s.mean:+.1f}" + (f" ± {100 * s.std:.1f}" if s.std is not None else "")
+    return text + (f" {NEEDS_SEEDS}" if s.std is not None and abs(s.mean) < s.std else "")
+
+
+def per_class_paired_table(res: SweepResults) -> list[list[str]]:
+    """Per row (method), per class: the paired difference of that class's last-10 accuracy to the sweep's main
+    reference, over the sweep's seeds.
+
+    Where a method's gain comes from: on a long-tailed split a method may gain most of its balanced accuracy
+    on one or two confusable classes (each moves balanced accuracy by a tenth of its entry with ten classes),
+    which the balanced and many/medium/few-shot tables cannot show. Classes are headed by their training
+    count; with several columns (settings) each gets its own block, headed by a ``setting`` column."""
+    if paired_references(res) is None:
+        return [[]]
+    seeds = res.meta.get("seeds")
+    several = len(res.columns) > 1
+    blocks = []
+    for column in res.columns:
+        rows = [(row, paired_class_stats(res, row, column, seeds=seeds)) for row in res.rows]
+        rows = [(row, stats) for row, stats in rows if stats]
+        if rows:
+            blocks.append((column, rows))
+    num_classes = max((len(stats) for _, rows in blocks for _, stats in rows), default=0)
+    counts = class_counts_of(res, blocks[0][0]) if blocks and not several else None
+    classes = [f"{c} ({counts[c]:,})" if counts and c < len(counts) else str(c) for c in range(num_classes)]
+    lines = [(["setting"] if several else []) + [" / ".join(res.axis_label(k) for k in res.row_keys), "seeds",
+                                                  *classes]]
+    for column, rows in blocks:
+        for row, stats in rows:
+            paired = f"{stats[0].n}" if stats[0].n >= stats[0].planned else f"{stats[0].n}/{stats[0].planned}"
+            lines.append(([res.column_label(column)] if several else []) + [
+                res.row_label(row), paired, *(format_class_difference(s) for s in stats)])
     return lines
 
 
@@ -273,6 +317,15 @@ def markdown(res: SweepResults) -> str:
         )
         for metric in PAIRED_METRICS:
             parts.append(f"### {metric.title}\n\n{markdown_table(paired_table(res, metric.key, reference))}")
+    per_class = per_class_paired_table(res)
+    if len(per_class) > 1:
+        parts.append(
+            f"## Per-class paired differences to {res.coord_label(key, references[0])}\n\n"
+            f"Per class (headed by its training images), a run's last-{LAST_ROUNDS} mean accuracy on that class "
+            f"minus that of its paired run, in points, mean ± sample std over the sweep's seeds ('seeds': how many "
+            f"paired): where a method's gain comes from. A class moves balanced accuracy by its entry divided by "
+            f"the number of classes.\n\n" + markdown_table(per_class)
+        )
     if any(len(run.rounds) >= 2 * LAST_ROUNDS for run in res.runs.values()):
         parts.append(
             "## Convergence\n\n"
@@ -391,6 +444,11 @@ def write_tables(res: SweepResults) -> list[Path]:
             path = res.root / f"{paired_stem(metric.stem, references, reference)}.csv"
             path.write_text(_csv_text(paired_table(res, metric.key, reference)))
             written.append(path)
+    per_class = per_class_paired_table(res)
+    if len(per_class) > 1:
+        path = res.root / "table-per-class-paired.csv"
+        path.write_text(_csv_text(per_class))
+        written.append(path)
     path = res.root / "runs.csv"
     path.write_text(_csv_text(runs_table(res)))
     return [*written, path]

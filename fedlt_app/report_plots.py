@@ -14,7 +14,7 @@ from typing import Any
 
 from fedlt_app.results import LAST_ROUNDS
 from fedlt_app.run_plots import _figure, legend_outside, line_style
-from fedlt_app.sweep_results import SweepResults, last_mean, mean_std
+from fedlt_app.sweep_results import SweepResults, class_counts_of, last_class_means, last_mean, mean_std
 
 
 def curves(
@@ -93,23 +93,10 @@ def per_class_means(res: SweepResults, column: Sequence[str]) -> dict[tuple[str,
     for row in res.rows:
         runs = [res.runs[c["name"]] for c in res.cells_at((res.row_keys, row), (res.column_keys, column))
                 if c["name"] in res.runs and res.runs[c["name"]].rounds]
-        per_run = []
-        for run in runs:
-            last = [r["per_class_accuracy"] for r in run.rounds[-LAST_ROUNDS:] if r.get("per_class_accuracy")]
-            if last:
-                per_run.append([sum(v) / len(v) for v in zip(*last, strict=True)])
+        per_run = [means for means in (last_class_means(run.rounds) for run in runs) if means is not None]
         if per_run:
             out[row] = [sum(v) / len(v) for v in zip(*per_run, strict=False)]
     return out
-
-
-def class_counts_of(res: SweepResults, column: Sequence[str]) -> list[int] | None:
-    """The training count of each class (``config.json``'s ``class_counts``) of the column's runs, if recorded."""
-    for c in res.cells_at((res.column_keys, column)):
-        run = res.runs.get(c["name"])
-        if run is not None and run.config.get("class_counts"):
-            return [int(n) for n in run.config["class_counts"]]
-    return None
 
 
 def plot_per_class(res: SweepResults, column: Sequence[str]):  # type: ignore[no-untyped-def]

@@ -15,14 +15,16 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from fedlt_app.results import LAST_ROUNDS
 from fedlt_app.run_folder import completed, run_status
 from fedlt_app.run_plots import VALUE_NAMES, read_rounds
+
+Value = TypeVar("Value")  # what paired_values compares: a last-10 mean, a per-class list
 
 DDOF = 1  # std over seeds: the sample standard deviation (n - 1); one seed shows no ±
 
@@ -194,10 +196,26 @@ def _read_json(path: Path) -> dict[str, Any]:
         return {}
 
 
+def class_counts_of(res: SweepResults, column: Sequence[str]) -> list[int] | None:
+    """The training count of each class (``config.json``'s ``class_counts``) of the column's runs, if recorded."""
+    for c in res.cells_at((res.column_keys, column)):
+        run = res.runs.get(c["name"])
+        if run is not None and run.config.get("class_counts"):
+            return [int(n) for n in run.config["class_counts"]]
+    return None
+
+
 def last_mean(rounds: Sequence[dict[str, Any]], metric: str, last: int = LAST_ROUNDS) -> float | None:
     """Mean of ``metric`` over the run's last ``last`` rounds (skipping nulls); None if it has none."""
     values = [r[metric] for r in rounds[-last:] if r.get(metric) is not None]
     return sum(values) / len(values) if values else None
+
+
+def last_class_means(rounds: Sequence[dict[str, Any]], last: int = LAST_ROUNDS) -> list[float] | None:
+    """Each class's accuracy averaged over the run's last ``last`` rounds (those that recorded
+    ``per_class_accuracy``): the per-class twin of :func:`last_mean`; None if none did."""
+    rows = [r["per_class_accuracy"] for r in rounds[-last:] if r.get("per_class_accuracy")]
+    return [sum(v) / len(v) for v in zip(*rows, strict=True)] if rows else None
 
 
 @dataclass(frozen=True)
@@ -286,6 +304,29 @@ def partner(res: SweepResults, cell: dict[str, Any], key: str, reference: str) -
     return None
 
 
+def paired_values(res: SweepResults, row: Sequence[str], column: Sequence[str],
+                  value: Callable[[Run], Value | None], reference: str | None = None,
+                  seeds: Collection[int] | None = None) -> tuple[list[tuple[Value, Value]], int] | None:
+    """Per seed, ``value`` of the entry's run and of its partner's at ``reference`` (default: the sweep's main
+    one), and how many cells the entry has; None for the reference itself.
+
+    Only seeds where both runs completed and both values exist pair (of ``seeds``, if given)."""
+    key, references = paired_references(res) or ("", [""])
+    reference = references[0] if reference is None else reference
+    cells = entry_cells(res, row, column, seeds)
+    if not cells or any(value_text(c["coords"][key]) == reference for c in cells):
+        return None
+    pairs = []
+    for cell in cells:
+        other = partner(res, cell, key, reference)
+        if other is None or cell["name"] not in res.runs or other["name"] not in res.runs:
+            continue
+        mine, theirs = value(res.runs[cell["name"]]), value(res.runs[other["name"]])
+        if mine is not None and theirs is not None:
+            pairs.append((mine, theirs))
+    return pairs, len(cells)
+
+
 def paired_stat(res: SweepResults, row: Sequence[str], column: Sequence[str], metric: str,
                 reference: str | None = None, seeds: Collection[int] | None = None) -> Stat | None:
     """Per seed, this entry's last-10 mean minus its partner's at ``reference`` (default: the sweep's main one);
@@ -293,19 +334,23 @@ def paired_stat(res: SweepResults, row: Sequence[str], column: Sequence[str], me
 
     Only seeds where both runs completed count (of ``seeds``, if given); ``values`` holds the per-seed differences.
     """
-    key, references = paired_references(res) or ("", [""])
-    reference = references[0] if reference is None else reference
-    cells = entry_cells(res, row, column, seeds)
-    if not cells or any(value_text(c["coords"][key]) == reference for c in cells):
+    paired = paired_values(res, row, column, lambda run: last_mean(run.rounds, metric), reference, seeds)
+    if paired is None:
         return None
-    diffs = []
-    for cell in cells:
-        other = partner(res, cell, key, reference)
-        if other is None or cell["name"] not in res.runs or other["name"] not in res.runs:
-            continue
-        mine = last_mean(res.runs[cell["name"]].rounds, metric)
-        theirs = last_mean(res.runs[other["name"]].rounds, metric)
-        if mine is not None and theirs is not None:
-            diffs.append(mine - theirs)
+    pairs, planned = paired
+    diffs = [mine - theirs for mine, theirs in pairs]
     mean, std = mean_std(diffs)
-    return Stat(mean, std, len(diffs), len(cells), tuple(diffs))
+    return Stat(mean, std, len(diffs), planned, tuple(diffs))
+
+
+def paired_class_stats(res: SweepResults, row: Sequence[str], column: Sequence[str], reference: str | None = None,
+                       seeds: Collection[int] | None = None) -> list[Stat] | None:
+    """Per class, :func:`paired_stat` of that class's accuracy: where an entry's gain over the reference comes
+    from. With C classes a class's difference moves balanced accuracy by 1/C of it. None for the reference
+    itself or when no pair recorded per-class accuracy."""
+    paired = paired_values(res, row, column, lambda run: last_class_means(run.rounds), reference, seeds)
+    if paired is None or not paired[0]:
+        return None
+    pairs, planned = paired
+    per_class = zip(*([a - b for a, b in zip(mine, theirs, strict=True)] for mine, theirs in pairs), strict=True)
+    return [Stat(*mean_std(diffs), len(diffs), planned, diffs) for diffs in per_class]

@@ -619,6 +619,49 @@ def test_paired_differences_to_the_reference_per_seed(paired_sweep: Path, stem: 
     assert "‡: the mean difference is smaller than its spread" in text
 
 
+def class_last10(sweep_dir: Path, cell: str) -> list[float] | None:
+    path = sweep_dir / "runs" / cell / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line)["per_class_accuracy"] for line in path.read_text().splitlines()][-10:]
+    return [100 * statistics.mean(values) for values in zip(*rows, strict=True)]
+
+
+def test_per_class_paired_differences_say_where_a_gain_comes_from(paired_sweep: Path) -> None:
+    """Per method and class: that class's last-10 accuracy minus FedAvg's on the same seed, mean ± std over the
+    paired seeds; a seed without both runs does not pair ('2/3')."""
+    lines = read_csv(paired_sweep / "table-per-class-paired.csv")
+    assert lines[0] == ["setting", "method", "seeds", *map(str, range(10))]
+    assert [line[:3] for line in lines[1:]] == [
+        ["IR=10", "FedProx", "3"], ["IR=10", "RedGrape", "3"], ["IR=100", "FedProx", "3"],
+        ["IR=100", "RedGrape", "2/3"]]
+    for line in lines[1:]:
+        ir, method = line[0].removeprefix("IR="), {"FedProx": "fedprox", "RedGrape": "redgrape"}[line[1]]
+        diffs = []
+        for seed in (0, 1, 2):
+            mine = class_last10(paired_sweep, f"method-{method}__imbalance-ratio-{ir}__seed-{seed}")
+            ref = class_last10(paired_sweep, f"method-fedavg__imbalance-ratio-{ir}__seed-{seed}")
+            if mine is not None and ref is not None:
+                diffs.append([a - b for a, b in zip(mine, ref, strict=True)])
+        for entry, values in zip(line[3:], zip(*diffs, strict=True), strict=True):
+            mean, std = statistics.mean(values), statistics.stdev(values)
+            assert entry == f"{mean:+.1f} ± {std:.1f}" + (" ‡" if abs(mean) < std else "")
+    text = (paired_sweep / "table.md").read_text()
+    assert "## Per-class paired differences to FedAvg+CE" in text
+    assert report.markdown_table(lines) in text
+
+
+def test_per_class_paired_table_heads_classes_with_their_training_images(fixture_sweep: Path) -> None:
+    res = sweep_results.load(fixture_sweep)
+    res.meta["paired"] = {"key": "method", "references": ["fedavg"]}
+    single = sweep_results.SweepResults(res.root, res.meta | {"cells": res.cells_at((["imbalance-ratio"], ["10"]))},
+                                        res.runs, res.status)
+    lines = report.per_class_paired_table(single)
+    assert lines[0][:4] == ["method", "seeds", "0 (600)", "1 (359)"] and lines[0][-1] == "9 (6)"
+    assert [line[0] for line in lines[1:]] == ["FedProx", "RedGrape"]
+    assert report.per_class_paired_table(sweep_results.load(fixture_sweep)) == [[]]  # no reference: no table
+
+
 def test_a_second_reference_gets_tables_of_its_own(paired_sweep: Path) -> None:
     """``reference: [fedavg, redgrape]``: besides the main tables, every other method's per-seed difference to
     RedGrape (``table-paired-redgrape.csv``, a table.md section); seeds where either run is missing do not pair."""
@@ -847,7 +890,7 @@ def test_per_class_means_are_the_tables_last_ten_round_means(fixture_sweep: Path
         (fixture_sweep / "runs" / f"method-fedprox__imbalance-ratio-10__seed-{s}" / "metrics.jsonl")
         .read_text().splitlines()[-1])["per_class_accuracy"][0] for s in (0, 1, 2))
     assert values[("fedprox",)][0] != pytest.approx(last_round_mean)  # the fixture's accuracy rises every round
-    assert report_plots.class_counts_of(res, ["10"]) == [600, 359, 215, 129, 77, 46, 27, 16, 9, 6]
+    assert sweep_results.class_counts_of(res, ["10"]) == [600, 359, 215, 129, 77, 46, 27, 16, 9, 6]
 
 
 def many_methods_sweep(root: Path, methods: int, rounds: int) -> sweep_results.SweepResults:
