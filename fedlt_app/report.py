@@ -18,8 +18,9 @@ writes, next to them, from their reading in :mod:`fedlt_app.sweep_results`
   (sample std, ddof = 1);
 - ``table.csv`` (balanced accuracy), ``table-tail.csv``, ``table-many.csv``,
   ``table-medium.csv``, ``table-few.csv``: the same tables; with a ``paired``
-  reference, the paired differences to it (``table-paired*.csv``) and, per
-  class, ``table-per-class-paired.csv`` (also a table.md section); ``runs.csv``:
+  reference, the paired differences to it (``table-paired*.csv``), per seed
+  (``table-paired-per-seed.csv``, balanced accuracy) and per class
+  (``table-per-class-paired.csv``), each also a table.md section; ``runs.csv``:
   one line per cell with the numbers behind them;
 - ``plots/accuracy-<setting>.png``: accuracy per round of every row (method),
   mean over seeds (the paper's Figure 2), with a zoom on the last half of the rounds for runs of 20 or more;
@@ -175,6 +176,29 @@ def format_class_difference(s: Stat) -> str:
     return text + (f" {NEEDS_SEEDS}" if s.std is not None and abs(s.mean) < s.std else "")
 
 
+def per_seed_paired_table(res: SweepResults, metric: str = "accuracy") -> list[list[str]]:
+    """Per row (method), per seed of the sweep: the paired difference to the sweep's main reference on that
+    seed, in points; blank where the pair is not finished.
+
+    The paired tables give mean ± std; this shows what the std is made of. On a long-tailed split a seed's
+    partition can be hard for the reference and easy to repair, so a gain that comes mostly from one seed reads
+    here as that seed's column, not as noise. With several columns (settings) each gets its own block."""
+    if paired_references(res) is None:
+        return [[]]
+    seeds = sorted({c["seed"] for c in res.cells})  # more-seeds' too
+    several = len(res.columns) > 1
+    lines = [(["setting"] if several else []) + [" / ".join(res.axis_label(k) for k in res.row_keys),
+                                                  *(f"seed {s}" for s in seeds)]]
+    for column in res.columns:
+        for row in res.rows:
+            per_seed = [paired_stat(res, row, column, metric, seeds=[s]) for s in seeds]
+            if all(d is None or d.n == 0 for d in per_seed):
+                continue
+            lines.append(([res.column_label(column)] if several else []) + [res.row_label(row)] + [
+                "" if d is None or d.mean is None else f"{100 * d.mean:+.2f}" for d in per_seed])
+    return lines
+
+
 def per_class_paired_table(res: SweepResults) -> list[list[str]]:
     """Per row (method), per class: the paired difference of that class's last-10 accuracy to the sweep's main
     reference, over the sweep's seeds.
@@ -317,6 +341,13 @@ def markdown(res: SweepResults) -> str:
         )
         for metric in PAIRED_METRICS:
             parts.append(f"### {metric.title}\n\n{markdown_table(paired_table(res, metric.key, reference))}")
+    per_seed = per_seed_paired_table(res)
+    if len(per_seed) > 1:
+        parts.append(
+            f"## Paired differences to {res.coord_label(key, references[0])} per seed\n\n"
+            f"{METRICS[0].title}: each seed's paired difference (points), which the mean ± std above summarise; "
+            f"blank: the pair is not finished.\n\n" + markdown_table(per_seed)
+        )
     per_class = per_class_paired_table(res)
     if len(per_class) > 1:
         parts.append(
@@ -444,6 +475,11 @@ def write_tables(res: SweepResults) -> list[Path]:
             path = res.root / f"{paired_stem(metric.stem, references, reference)}.csv"
             path.write_text(_csv_text(paired_table(res, metric.key, reference)))
             written.append(path)
+    per_seed = per_seed_paired_table(res)
+    if len(per_seed) > 1:
+        path = res.root / "table-paired-per-seed.csv"
+        path.write_text(_csv_text(per_seed))
+        written.append(path)
     per_class = per_class_paired_table(res)
     if len(per_class) > 1:
         path = res.root / "table-per-class-paired.csv"

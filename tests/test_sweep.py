@@ -619,6 +619,22 @@ def test_paired_differences_to_the_reference_per_seed(paired_sweep: Path, stem: 
     assert "‡: the mean difference is smaller than its spread" in text
 
 
+def test_per_seed_paired_differences_show_what_the_spread_is_made_of(paired_sweep: Path) -> None:
+    """Per method and seed: the balanced paired difference to FedAvg on that seed; blank where a run is missing."""
+    lines = read_csv(paired_sweep / "table-paired-per-seed.csv")
+    assert lines[0] == ["setting", "method", "seed 0", "seed 1", "seed 2"]
+    assert [line[:2] for line in lines[1:]] == [
+        ["IR=10", "FedProx"], ["IR=10", "RedGrape"], ["IR=100", "FedProx"], ["IR=100", "RedGrape"]]
+    for line in lines[1:]:
+        ir, method = line[0].removeprefix("IR="), {"FedProx": "fedprox", "RedGrape": "redgrape"}[line[1]]
+        for seed, entry in enumerate(line[2:]):
+            mine = last10(paired_sweep, f"method-{method}__imbalance-ratio-{ir}__seed-{seed}", "accuracy")
+            ref = last10(paired_sweep, f"method-fedavg__imbalance-ratio-{ir}__seed-{seed}", "accuracy")
+            assert entry == ("" if mine is None or ref is None else f"{mine - ref:+.2f}")
+    assert lines[4][4] == ""  # RedGrape at IR 100, seed 2: its run failed
+    assert report.markdown_table(lines) in (paired_sweep / "table.md").read_text()
+
+
 def class_last10(sweep_dir: Path, cell: str) -> list[float] | None:
     path = sweep_dir / "runs" / cell / "metrics.jsonl"
     if not path.exists():
