@@ -108,10 +108,25 @@ def format_stat(s: Stat, sweep_seeds: int = 0) -> str:
     return f"{text} ({s.n} seeds)" if s.n > sweep_seeds > 0 else text
 
 
+def _row_heading(res: SweepResults, by_setting: bool = False) -> list[str]:
+    """A table's leading header cells: the row axes' names (method / …), after a ``setting`` column when the
+    table has one block per column (setting)."""
+    return (["setting"] if by_setting else []) + [" / ".join(res.axis_label(k) for k in res.row_keys)]
+
+
+def _row_lead(res: SweepResults, row: Sequence[str], column: Sequence[str], by_setting: bool) -> list[str]:
+    """A line's leading cells, matching :func:`_row_heading`: the setting's label when by setting, the row's."""
+    return ([res.column_label(column)] if by_setting else []) + [res.row_label(row)]
+
+
+def _seeds_done(s: Stat) -> str:
+    """'3', or '2/3' while seeds are missing: how many of an entry's planned seeds it is over."""
+    return str(s.n) if s.n >= s.planned else f"{s.n}/{s.planned}"
+
+
 def table(res: SweepResults, metric: str = "accuracy") -> list[list[str]]:
     """The paper's layout: a header line, then one line per row (method); each entry a formatted :class:`Stat`."""
-    header = [" / ".join(res.axis_label(k) for k in res.row_keys)] + [res.column_label(c) for c in res.columns]
-    lines = [header]
+    lines = [_row_heading(res) + [res.column_label(c) for c in res.columns]]
     for row in res.rows:
         stats = [stat(res, row, column, metric) for column in res.columns]
         if all(s.planned == 0 for s in stats):
@@ -155,10 +170,8 @@ def format_difference(s: Stat) -> str:
 def paired_table(res: SweepResults, metric: str = "accuracy", reference: str | None = None) -> list[list[str]]:
     """The table's layout without the reference's entries; each entry a paired difference to ``reference``
     (default: the sweep's main one)."""
-    header = [" / ".join(res.axis_label(k) for k in res.row_keys)]
     columns = [c for c in res.columns if any(paired_stat(res, r, c, metric, reference) for r in res.rows)]
-    header += [res.column_label(c) for c in columns]
-    lines = [header]
+    lines = [_row_heading(res) + [res.column_label(c) for c in columns]]
     for row in res.rows:
         stats = [paired_stat(res, row, column, metric, reference) for column in columns]
         if all(s is None for s in stats):
@@ -187,14 +200,13 @@ def per_seed_paired_table(res: SweepResults, metric: str = "accuracy") -> list[l
         return [[]]
     seeds = sorted({c["seed"] for c in res.cells})  # more-seeds' too
     several = len(res.columns) > 1
-    lines = [(["setting"] if several else []) + [" / ".join(res.axis_label(k) for k in res.row_keys),
-                                                  *(f"seed {s}" for s in seeds)]]
+    lines = [_row_heading(res, several) + [f"seed {s}" for s in seeds]]
     for column in res.columns:
         for row in res.rows:
             per_seed = [paired_stat(res, row, column, metric, seeds=[s]) for s in seeds]
             if all(d is None or d.n == 0 for d in per_seed):
                 continue
-            lines.append(([res.column_label(column)] if several else []) + [res.row_label(row)] + [
+            lines.append(_row_lead(res, row, column, several) + [
                 "" if d is None or d.mean is None else f"{100 * d.mean:+.2f}" for d in per_seed])
     return lines
 
@@ -220,13 +232,11 @@ def per_class_paired_table(res: SweepResults) -> list[list[str]]:
     num_classes = max((len(stats) for _, rows in blocks for _, stats in rows), default=0)
     counts = class_counts_of(res, blocks[0][0]) if blocks and not several else None
     classes = [f"{c} ({counts[c]:,})" if counts and c < len(counts) else str(c) for c in range(num_classes)]
-    lines = [(["setting"] if several else []) + [" / ".join(res.axis_label(k) for k in res.row_keys), "seeds",
-                                                  *classes]]
+    lines = [_row_heading(res, several) + ["seeds", *classes]]
     for column, rows in blocks:
         for row, stats in rows:
-            paired = f"{stats[0].n}" if stats[0].n >= stats[0].planned else f"{stats[0].n}/{stats[0].planned}"
-            lines.append(([res.column_label(column)] if several else []) + [
-                res.row_label(row), paired, *(format_class_difference(s) for s in stats)])
+            lines.append(_row_lead(res, row, column, several) + [
+                _seeds_done(stats[0]), *(format_class_difference(s) for s in stats)])
     return lines
 
 
@@ -250,8 +260,7 @@ def summary_table(res: SweepResults, more_seeds: bool = False) -> list[list[str]
     seeds = None if more_seeds else res.meta.get("seeds")
     key, references = paired_references(res) or ("", [])
     several = len(res.columns) > 1
-    header = ["setting"] if several else []
-    header += [" / ".join(res.axis_label(k) for k in res.row_keys), "seeds", "balanced", "tail"]
+    header = _row_heading(res, several) + ["seeds", "balanced", "tail"]
     if references:
         reference = res.coord_label(key, references[0])
         header += [f"Δ balanced vs {reference} (paired)", f"Δ tail vs {reference} (paired)"]
@@ -264,9 +273,8 @@ def summary_table(res: SweepResults, more_seeds: bool = False) -> list[list[str]
             balanced, tail = (stat(res, row, column, m.key, seeds) for m in PAIRED_METRICS)
             if balanced.planned == 0:
                 continue
-            finished = str(balanced.n) if balanced.n >= balanced.planned else f"{balanced.n}/{balanced.planned}"
-            line = ([res.column_label(column)] if several else []) + [
-                res.row_label(row), finished, format_spread(balanced), format_spread(tail)]
+            line = _row_lead(res, row, column, several) + [
+                _seeds_done(balanced), format_spread(balanced), format_spread(tail)]
             if references:
                 paired = [paired_stat(res, row, column, m.key, seeds=seeds) for m in PAIRED_METRICS]
                 line += ["reference" if d is None else format_difference(d) for d in paired]
