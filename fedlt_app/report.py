@@ -290,12 +290,44 @@ def has_more_seeds(res: SweepResults) -> bool:
     return sweep_seeds is not None and any(c["seed"] not in sweep_seeds for c in res.cells)
 
 
-def summary_markdown(res: SweepResults) -> str:
+@dataclass(frozen=True)
+class Tables:
+    """Every table of a sweep's report, built once: table.md renders them and the csv files hold them."""
+
+    summary: list[list[str]]
+    summary_more_seeds: list[list[str]] | None  # only with ``more-seeds`` runs
+    metrics: dict[str, list[list[str]]]  # per :class:`Metric` key
+    paired: dict[tuple[str, str], list[list[str]]]  # per (reference, paired metric key)
+    per_seed: list[list[str]]  # [[]] without a reference
+    per_class: list[list[str]]
+
+
+def summary_tables(res: SweepResults) -> tuple[list[list[str]], list[list[str]] | None]:
+    """The summary over the sweep's seeds and, with ``more-seeds`` runs, theirs over all seeds (else None)."""
+    return summary_table(res), summary_table(res, more_seeds=True) if has_more_seeds(res) else None
+
+
+def build_tables(res: SweepResults) -> Tables:
+    """Each of the report's tables, built once, so that table.md and the csv files are the same lines."""
+    _, references = paired_references(res) or ("", [])
+    summary, more_seeds = summary_tables(res)
+    return Tables(
+        summary=summary,
+        summary_more_seeds=more_seeds,
+        metrics={m.key: table(res, m.key) for m in METRICS},
+        paired={(r, m.key): paired_table(res, m.key, r) for r in references for m in PAIRED_METRICS},
+        per_seed=per_seed_paired_table(res),
+        per_class=per_class_paired_table(res),
+    )
+
+
+def summary_markdown(res: SweepResults, tables: Tables | None = None) -> str:
     """The summary table over the sweep's seeds, then, if some rows have ``more-seeds`` runs, theirs over all."""
-    text = markdown_table(summary_table(res))
-    if has_more_seeds(res):
+    summary, more = (tables.summary, tables.summary_more_seeds) if tables else summary_tables(res)
+    text = markdown_table(summary)
+    if more is not None:
         text += ("\n\nThe settings with more seeds (the sweep file's more-seeds), over all of them, ranked among "
-                 "themselves:\n\n" + markdown_table(summary_table(res, more_seeds=True)))
+                 "themselves:\n\n" + markdown_table(more))
     return text
 
 
@@ -319,8 +351,9 @@ SUMMARY_NOTE = (
 )
 
 
-def markdown(res: SweepResults) -> str:
+def markdown(res: SweepResults, tables: Tables | None = None) -> str:
     """table.md: every metric's table, how the numbers were made, and which cells are finished."""
+    tables = tables or build_tables(res)
     seeds = res.meta.get("seeds", [])
     done = sum(s == "completed" for s in res.status.values())
     parts = [f"# {res.name}"]
@@ -335,9 +368,9 @@ def markdown(res: SweepResults) -> str:
         + (" '(n seeds)': more seeds than the sweep's, where a paired difference was smaller than its spread "
            "(the sweep file's more-seeds)." if has_more_seeds(res) else "")
     )
-    parts.append(f"{SUMMARY_HEADING}\n\n{SUMMARY_NOTE}\n\n{summary_markdown(res)}")
+    parts.append(f"{SUMMARY_HEADING}\n\n{SUMMARY_NOTE}\n\n{summary_markdown(res, tables)}")
     for metric in METRICS:
-        parts.append(f"## {metric.title}\n\n{markdown_table(table(res, metric.key))}")
+        parts.append(f"## {metric.title}\n\n{markdown_table(tables.metrics[metric.key])}")
     key, references = paired_references(res) or ("", [])
     for reference in references:
         parts.append(
@@ -348,22 +381,20 @@ def markdown(res: SweepResults) -> str:
             f"{NEEDS_SEEDS}: the mean difference is smaller than its spread, so this comparison needs more seeds."
         )
         for metric in PAIRED_METRICS:
-            parts.append(f"### {metric.title}\n\n{markdown_table(paired_table(res, metric.key, reference))}")
-    per_seed = per_seed_paired_table(res)
-    if len(per_seed) > 1:
+            parts.append(f"### {metric.title}\n\n{markdown_table(tables.paired[reference, metric.key])}")
+    if len(tables.per_seed) > 1:
         parts.append(
             f"## Paired differences to {res.coord_label(key, references[0])} per seed\n\n"
             f"{METRICS[0].title}: each seed's paired difference (points), which the mean ± std above summarise; "
-            f"blank: the pair is not finished.\n\n" + markdown_table(per_seed)
+            f"blank: the pair is not finished.\n\n" + markdown_table(tables.per_seed)
         )
-    per_class = per_class_paired_table(res)
-    if len(per_class) > 1:
+    if len(tables.per_class) > 1:
         parts.append(
             f"## Per-class paired differences to {res.coord_label(key, references[0])}\n\n"
             f"Per class (headed by its training images), a run's last-{LAST_ROUNDS} mean accuracy on that class "
             f"minus that of its paired run, in points, mean ± sample std over the sweep's seeds ('seeds': how many "
             f"paired): where a method's gain comes from. A class moves balanced accuracy by its entry divided by "
-            f"the number of classes.\n\n" + markdown_table(per_class)
+            f"the number of classes.\n\n" + markdown_table(tables.per_class)
         )
     if any(len(run.rounds) >= 2 * LAST_ROUNDS for run in res.runs.values()):
         parts.append(
@@ -464,38 +495,25 @@ def runs_table(res: SweepResults) -> list[list[Any]]:
 
 
 def write_tables(res: SweepResults) -> list[Path]:
-    written = [res.root / "table.md"]
-    written[0].write_text(markdown(res))
-    summary = res.root / "table-summary.csv"
-    summary.write_text(_csv_text(summary_table(res)))
-    written.append(summary)
-    if has_more_seeds(res):
-        summary = res.root / "table-summary-more-seeds.csv"
-        summary.write_text(_csv_text(summary_table(res, more_seeds=True)))
-        written.append(summary)
-    for metric in METRICS:
-        path = res.root / f"{metric.stem}.csv"
-        path.write_text(_csv_text(table(res, metric.key)))
-        written.append(path)
+    tables = build_tables(res)
+    texts = {"table.md": markdown(res, tables), "table-summary.csv": _csv_text(tables.summary)}
+    if tables.summary_more_seeds is not None:
+        texts["table-summary-more-seeds.csv"] = _csv_text(tables.summary_more_seeds)
+    texts.update({f"{m.stem}.csv": _csv_text(tables.metrics[m.key]) for m in METRICS})
     _, references = paired_references(res) or ("", [])
-    for reference in references:
-        for metric in PAIRED_METRICS:
-            path = res.root / f"{paired_stem(metric.stem, references, reference)}.csv"
-            path.write_text(_csv_text(paired_table(res, metric.key, reference)))
-            written.append(path)
-    per_seed = per_seed_paired_table(res)
-    if len(per_seed) > 1:
-        path = res.root / "table-paired-per-seed.csv"
-        path.write_text(_csv_text(per_seed))
+    texts.update({f"{paired_stem(m.stem, references, r)}.csv": _csv_text(tables.paired[r, m.key])
+                  for r in references for m in PAIRED_METRICS})
+    if len(tables.per_seed) > 1:
+        texts["table-paired-per-seed.csv"] = _csv_text(tables.per_seed)
+    if len(tables.per_class) > 1:
+        texts["table-per-class-paired.csv"] = _csv_text(tables.per_class)
+    texts["runs.csv"] = _csv_text(runs_table(res))
+    written = []
+    for name, text in texts.items():
+        path = res.root / name
+        path.write_text(text)
         written.append(path)
-    per_class = per_class_paired_table(res)
-    if len(per_class) > 1:
-        path = res.root / "table-per-class-paired.csv"
-        path.write_text(_csv_text(per_class))
-        written.append(path)
-    path = res.root / "runs.csv"
-    path.write_text(_csv_text(runs_table(res)))
-    return [*written, path]
+    return written
 
 
 SUMMARY_BLOCK = re.compile(
