@@ -770,20 +770,52 @@ def test_readme_summary_is_the_committed_runs_table() -> None:
         "README's summary is stale: python -m fedlt_app.report --embed-summaries README.md")
 
 
+SHIRT = 6  # Fashion-MNIST's class the per-seed table quotes (the one every leading method's gain is mostly in)
+
+
+def _signed(x: float) -> str:
+    return ("+" if x >= 0 else "\u2212") + f"{abs(100 * x):.2f}"
+
+
+def _per_seed_row(run: sweep_results.Run, reference: sweep_results.Run | None) -> tuple[str, ...]:
+    """A converged run's README row after its label, as the runs give it: seed, balanced, tail, many- and
+    medium-shot accuracy (last-10 means), the differences to FedAvg+CE's run of the same seed ('—' for FedAvg's
+    own; differences of the unrounded means), shirt's last-10 accuracy, the last-10 drift and the plateau round."""
+    rounds = run.rounds
+
+    def mean(metric: str) -> str:
+        return f"{100 * sweep_results.last_mean(rounds, metric):.2f}"
+
+    def both(value: Any) -> str:
+        return " / ".join(value(m) for m in ("accuracy", "tail_accuracy"))
+
+    if reference is None:
+        deltas = ("\u2014", "\u2014")
+    else:
+        deltas = tuple(_signed(sweep_results.last_mean(rounds, m) - sweep_results.last_mean(reference.rounds, m))
+                       for m in ("accuracy", "tail_accuracy"))
+    shirt = sweep_results.last_class_means(rounds)[SHIRT]
+    return (str(run.cell["seed"]), mean("accuracy"), mean("tail_accuracy"), mean("many_shot_accuracy"),
+            mean("medium_shot_accuracy"), *deltas, f"{100 * shirt:.1f}",
+            both(lambda m: _signed(sweep_results.last10_drift(rounds, m))),
+            both(lambda m: str(sweep_results.plateau_round(rounds, m) or "not reached")))
+
+
 def test_readme_per_seed_rows_are_the_committed_runs() -> None:
-    """README's per-seed table of the converged sweep, written by hand as cells land: one row per completed run,
-    its seed, balanced and tail accuracy those of the run's last 10 rounds, and the 'In progress' count the
+    """README's per-seed table of the converged sweep, written as cells land: one row per completed run, every
+    column after the label the run's (and its FedAvg+CE partner's) figures, and the 'In progress' count the
     number of completed cells."""
     res = sweep_results.load(ROOT / "results" / "converged-fmnist-ir100")
+    fedavg = {run.cell["seed"]: run for run in res.runs.values() if run.cell["coords"]["setting"] == "fedavg"}
     runs = collections.Counter(
-        (str(run.cell["seed"]), *(f"{100 * sweep_results.last_mean(run.rounds, m):.2f}"
-                                  for m in ("accuracy", "tail_accuracy")))
+        _per_seed_row(run, None if run.cell["coords"]["setting"] == "fedavg" else fedavg[run.cell["seed"]])
         for run in res.runs.values())
     text = (ROOT / "README.md").read_text()
-    start = text.index("| setting | seed | balanced | tail | many-shot")
+    start = text.index("| setting | seed | balanced | tail | many-shot | medium-shot | \u0394 balanced | \u0394 tail | "
+                       "shirt (278 imgs) | drift (bal / tail) | plateau N (bal / tail) |")
     lines = text[start:text.index("\n\n", start)].splitlines()[2:]
     rows = collections.Counter(
-        tuple(cell.strip().strip("*") for cell in line.strip("|").split("|")[1:4]) for line in lines)
+        tuple(cell.strip().replace("**", "") for cell in line.strip("|").split("|")[1:]) for line in lines)
     assert rows == runs, f"rows without a run: {rows - runs}; runs without a row: {runs - rows}"
     assert f"**In progress ({len(res.runs)} of {len(res.cells)} cells)" in text
 
