@@ -230,6 +230,10 @@ SCHEMA: tuple[Option, ...] = (
            "(authors' fedyoyo.sh 0.1)", in_unit_interval),
     Option("fedyoyo-warmup", int, 50, "FedYoYo: rounds over which the distillation weight grows linearly to "
            "lambda (authors' fedyoyo.sh 50; 0 = full weight from round 1)", at_least(0)),
+    Option("fedyoyo-cap-effective", bool, False,
+           "FedYoYo, fedlt's fix (off = the authors' code): cap each batch's effective weight of a class at the "
+           "number of its samples in the batch, so that a client's only two samples of a class (exactly opposite "
+           "once centred) count as 2, not as the 1e6 of the floored cosine"),
     Option("ratio-aux-per-class", int, 32, "Ratio Loss: server auxiliary samples per class", at_least(1)),
     Option("climb-epsilon", float, 0.01, "CLIMB's constraint slack epsilon", at_least(0.0)),
     Option("climb-dual-lr", float, 2.0, "CLIMB's dual step size eta_D", at_least(0.0, strict=True)),
@@ -564,6 +568,7 @@ class RunConfig:
     fedyoyo_tau: float
     fedyoyo_gamma: float
     fedyoyo_warmup: int
+    fedyoyo_cap_effective: bool
     ratio_aux_per_class: int
     climb_epsilon: float
     climb_dual_lr: float

@@ -59,6 +59,27 @@ def test_effective_weight_of_a_batch_is_the_inverse_mean_cosine_of_centred_featu
     torch.testing.assert_close(eff, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_capped_effective_weight_counts_a_clients_only_two_samples_as_two() -> None:
+    """fedyoyo-cap-effective: a client's only two samples of a class, centred at their own mean, are exactly
+    opposite; the authors' floor makes them 1e6 effective samples, the cap makes them 2. Any class whose batch
+    holds all of the client's samples of it cancels below random directions (four here count as ~18): capped
+    at 4. A batch's eff at or below its count stays."""
+    features = torch.tensor([[1.0, 2.0, 0.0], [3.0, -1.0, 1.0],  # class 0: the client's only two samples
+                             [1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.3, 0.3, 0.3]])  # class 1
+    labels = torch.tensor([0, 0, 1, 1, 1, 1])
+    authors = effective_weights(features, labels, 2, 64, torch.Generator().manual_seed(0))
+    capped = effective_weights(features, labels, 2, 64, torch.Generator().manual_seed(0), cap=True)
+    assert float(authors[0]) == pytest.approx(1e6)
+    assert float(capped[0]) == 2.0
+    assert float(authors[1]) > 4.0 and float(capped[1]) == 4.0
+    centred = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 2.0],  # orthogonal: 3 of 3
+                            [1.0, 1.0, 0.0], [2.0, 2.0, 0.0]])  # parallel: 1 of 2
+    batch = batch_effective_weights(centred, torch.tensor([0, 0, 0, 1, 1]), 2, cap=True)
+    torch.testing.assert_close(batch, torch.tensor([3.0, 1.0]))
+    cfg = resolve({"method": "fedyoyo", "fedyoyo-cap-effective": True})
+    assert cfg.fedyoyo_cap_effective and not resolve({"method": "fedyoyo"}).fedyoyo_cap_effective
+
+
 def test_client_effective_weights_sum_the_batches_and_centre_at_the_class_means() -> None:
     torch.manual_seed(0)
     features = torch.randn(12, 4) + 5.0  # a large common offset: centring must remove it
@@ -200,6 +221,11 @@ def test_client_statistics_answer_the_effective_weights_of_the_received_model() 
         features = model.encoder(images.float() / 255)
     expected = effective_weights(features, labels, C, 4, torch.Generator().manual_seed(2))
     np.testing.assert_allclose(answer[EFFECTIVE], expected.double().numpy(), rtol=1e-6)
+    capped_cfg = resolve({"method": "fedyoyo", "batch-size": 4, "fedyoyo-cap-effective": True})
+    capped = FedYoYoClient(capped_cfg, C, {}).statistics(copy.deepcopy(model), images, labels, FP32,
+                                                         torch.Generator().manual_seed(2))
+    by_hand = effective_weights(features, labels, C, 4, torch.Generator().manual_seed(2), cap=True)
+    np.testing.assert_allclose(capped[EFFECTIVE], by_hand.double().numpy(), rtol=1e-6)
     with pytest.raises(ValueError, match="generator"):
         FedYoYoClient(cfg, C, {}).statistics(model, images, labels, FP32)
 

@@ -37,6 +37,12 @@ Deviations, each forced by fedlt's shared loop or data and none changing the met
 * The KL term is 0 when no weak view of the batch is classified correctly (the authors' code computes a
   0/0 NaN there and replaces it by 0: the same value).
 
+fedlt's fix, off by default (``fedyoyo-cap-effective``): a batch's eff_c is capped at the class's number of
+samples in it. In the authors' rule a client's only two samples of a class, centred at their own mean, are exactly
+opposite, their mean cosine 0 is floored at 1e-6 and they add 1e6 to eff_c; the server's 100x change limit stops
+that only for classes whose eff is below ~1,000, so a head class that one client holds twice can take most of the
+prior for tens of rounds (seen on the converged protocol, README).
+
 Secure aggregation (``secure-aggregation=secagg``): the server needs only Σ eff over the cohort, so the first
 phase runs as a protocol instance of its own before the train round's (the cohort answers its dense eff vector
 masked, ``statistics_summands``; ``statistics_sum_segments``), and the server learns the cohort's sum, not
@@ -82,8 +88,13 @@ def class_feature_means(features: Tensor, labels: Tensor, num_classes: int) -> T
     return torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], sums)
 
 
-def batch_effective_weights(centred: Tensor, labels: Tensor, num_classes: int) -> Tensor:
-    """One batch's eff_c: 1 / max(mean cosine of the class's centred features, 1e-6); 1 for a single sample."""
+def batch_effective_weights(centred: Tensor, labels: Tensor, num_classes: int, cap: bool = False) -> Tensor:
+    """One batch's eff_c: 1 / max(mean cosine of the class's centred features, 1e-6); 1 for a single sample.
+
+    ``cap`` (``fedyoyo-cap-effective``, fedlt's fix): at most the class's number of samples in the batch. k unit
+    vectors in random directions have a mean cosine near 1/k (the diagonal), so eff ≈ k; a class whose batch
+    holds all of a client's samples of it is centred at their own mean and its cosines cancel below that, down
+    to a mean of 0 for a client's only two samples (exactly opposite), which the floor turns into 1e6."""
     eff = torch.zeros(num_classes, dtype=torch.float32)
     for c in labels.unique().tolist():
         rows = centred[labels == c]
@@ -95,17 +106,20 @@ def batch_effective_weights(centred: Tensor, labels: Tensor, num_classes: int) -
         norm_products[norm_products == 0] = COSINE_FLOOR
         mean_cosine = float(((rows @ rows.T) / norm_products).mean())
         eff[c] = 1.0 / max(mean_cosine, COSINE_FLOOR)
+        if cap:
+            eff[c] = min(float(eff[c]), float(len(rows)))
     return eff
 
 
 def effective_weights(features: Tensor, labels: Tensor, num_classes: int, batch_size: int,
-                      generator: torch.Generator) -> Tensor:
-    """A client's Σ over shuffled batches of ``batch_size`` of each batch's eff (the authors' eff_all)."""
+                      generator: torch.Generator, cap: bool = False) -> Tensor:
+    """A client's Σ over shuffled batches of ``batch_size`` of each batch's eff (the authors' eff_all); ``cap``:
+    see :func:`batch_effective_weights`."""
     features, labels = features.float().cpu(), labels.long().cpu()
     centred = features - class_feature_means(features, labels, num_classes)[labels]
     total = torch.zeros(num_classes, dtype=torch.float32)
     for batch in torch.randperm(len(labels), generator=generator).split(batch_size):
-        total += batch_effective_weights(centred[batch], labels[batch], num_classes)
+        total += batch_effective_weights(centred[batch], labels[batch], num_classes, cap)
     return total
 
 
@@ -225,7 +239,8 @@ class FedYoYoClient(ClientMethod):
         if generator is None:
             raise ValueError("FedYoYo's statistics shuffle their batches: pass the query's generator")
         features = encoder_features(model, images, self.cfg.dataset, precision)
-        eff = effective_weights(features, labels, self.num_classes, self.cfg.batch_size, generator)
+        eff = effective_weights(features, labels, self.num_classes, self.cfg.batch_size, generator,
+                                self.cfg.fedyoyo_cap_effective)
         return {EFFECTIVE: eff.double().numpy()}
 
     def statistics_summands(self, model: EncoderClassifier, images: Tensor, labels: Tensor,
