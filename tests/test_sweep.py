@@ -13,6 +13,7 @@ import math
 import os
 import statistics
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -786,7 +787,7 @@ def _per_seed_row(run: sweep_results.Run, reference: sweep_results.Run | None) -
     def mean(metric: str) -> str:
         return f"{100 * sweep_results.last_mean(rounds, metric):.2f}"
 
-    def both(value: Any) -> str:
+    def both(value: Callable[[str], str]) -> str:
         return " / ".join(value(m) for m in ("accuracy", "tail_accuracy"))
 
     if reference is None:

@@ -105,9 +105,8 @@ def batch_effective_weights(centred: Tensor, labels: Tensor, num_classes: int, c
         norm_products = norms @ norms.T
         norm_products[norm_products == 0] = COSINE_FLOOR
         mean_cosine = float(((rows @ rows.T) / norm_products).mean())
-        eff[c] = 1.0 / max(mean_cosine, COSINE_FLOOR)
-        if cap:
-            eff[c] = min(float(eff[c]), float(len(rows)))
+        spread = 1.0 / max(mean_cosine, COSINE_FLOOR)
+        eff[c] = min(spread, float(len(rows))) if cap else spread
     return eff
 
 
